@@ -1,0 +1,5 @@
+//! The Tollgate coordinator.
+//!
+//! * [`pki`]: the `tollgate certs` commands over `tollgate-certs`.
+
+pub mod pki;

@@ -1,0 +1,178 @@
+//! CLI <-> coordinator messages (ALPN `tollgate-ctl/1`).
+//!
+//! One bidirectional stream per request. The first stream of a connection carries
+//! `Hello` / `HelloAck`. Long requests (`Submit`, `Execute`) stream [`ProgressEvent`]s and end
+//! with one final answer; the others answer once. The caller's identity is never taken from a
+//! message: the coordinator reads it from the client certificate.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::agent::{Hello, HelloAck};
+use crate::outcome::{PlanView, RunReport};
+use crate::{Action, Mode};
+
+/// What an operator asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationIntent {
+    pub action: Action,
+    pub requested_mode: Mode,
+    /// Host names from the inventory; empty means every host.
+    pub target_hosts: Vec<String>,
+    /// Chosen by the client so a retried submission is recognised.
+    pub run_id: Uuid,
+    /// Informational: the coordinator records the certificate identity, and refuses a
+    /// request whose `requestor` disagrees with it.
+    pub requestor: String,
+    /// Decide everything, execute nothing.
+    pub shadow: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CtlRequest {
+    Hello(Hello),
+    Submit(OperationIntent),
+    PlanShow {
+        run_id: Uuid,
+    },
+    Approve {
+        run_id: Uuid,
+        operation_hash: String,
+    },
+    Execute {
+        run_id: Uuid,
+        token: String,
+    },
+    Status,
+    RunsList,
+    RunsShow {
+        run_id: Uuid,
+    },
+    RunsVerify {
+        run_id: Uuid,
+    },
+    Explain {
+        run_id: Uuid,
+    },
+}
+
+/// One host's lifecycle as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub host: String,
+    pub role: String,
+    pub safety_class: String,
+    pub transport: String,
+    pub lifecycle: String,
+    pub fingerprint: Option<String>,
+    /// Unix milliseconds of the last probe.
+    pub last_probe_ms: Option<u64>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunListEntry {
+    pub run_id: Uuid,
+    pub action: Action,
+    pub effective_mode: Mode,
+    pub requestor: String,
+    pub state: String,
+    pub started_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub run_id: Uuid,
+    pub ok: bool,
+    pub events: u64,
+    /// The first line (1-based) that fails, and why.
+    pub first_bad_line: Option<u64>,
+    pub problem: Option<String>,
+}
+
+/// A signed, single-use authorization for one plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub run_id: Uuid,
+    pub operation_hash: String,
+    /// Compact text form, safe to paste into a shell.
+    pub token: String,
+    pub expires_ms: u64,
+    /// The command to run next.
+    pub next_command: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProgressKind {
+    RunAccepted,
+    ProbeStarted,
+    ProbeFinished,
+    PhaseStarted,
+    StepStarted,
+    StepFinished,
+    StepSkipped,
+    BarrierPassed,
+    BarrierBlocked,
+    HostFinished,
+}
+
+/// A streamed progress event; `done`/`total` count steps for progress bars.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressEvent {
+    pub run_id: Uuid,
+    pub kind: ProgressKind,
+    pub host: Option<String>,
+    pub phase: Option<String>,
+    pub step: Option<String>,
+    pub ok: Option<bool>,
+    pub done: u32,
+    pub total: u32,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CtlErrorCode {
+    UnsupportedVersion,
+    HelloRequired,
+    Malformed,
+    NotAuthorized,
+    UnknownRun,
+    UnknownHost,
+    InvalidRequest,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtlError {
+    pub code: CtlErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CtlResponse {
+    HelloAck(HelloAck),
+    Progress(ProgressEvent),
+    Run(RunReport),
+    Plan(PlanView),
+    Approved(Approval),
+    Status {
+        hosts: Vec<HostStatus>,
+    },
+    Runs {
+        runs: Vec<RunListEntry>,
+    },
+    /// A run's summary document (the same JSON as `summary.json`).
+    Summary {
+        json: String,
+    },
+    Verified(VerifyReport),
+    Explanation {
+        lines: Vec<String>,
+    },
+    Error(CtlError),
+}
+
+/// Free-form facts attached to answers (kept as text so the wire stays schema-stable).
+pub type Facts = BTreeMap<String, String>;
