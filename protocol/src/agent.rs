@@ -124,6 +124,11 @@ pub enum ExecStatus {
     Uncertain {
         detail: String,
     },
+    /// The agent was shutting down and stopped the process; the outcome is known to be
+    /// incomplete.
+    Interrupted {
+        detail: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +160,12 @@ pub enum AgentErrorCode {
     Oversize,
     Busy,
     ShuttingDown,
+    /// The probe script failed, timed out, or did not print one JSON object.
+    ProbeFailed,
+    /// The requested shell is not allowed or not installed; nothing ran.
+    CapabilityMismatch,
+    /// The idempotency key was used before for a different request.
+    IdempotencyConflict,
     Internal,
 }
 

@@ -1,1 +1,7 @@
+//! The fleet test harness: a throwaway PKI, real `tollgate-agent` processes on 127.0.0.x, and
+//! the coordinator's own agent client to drive them. Tests wait on events (a line printed, a
+//! chunk streamed, a process exiting) with timeouts, never on sleeps.
 
+pub mod bins;
+pub mod fleet;
+pub mod proc;
