@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{ExecStatus, ProbeReport, ProbeRequest};
@@ -22,18 +21,7 @@ use crate::shells::Shells;
 /// Largest probe-script output accepted.
 const PROBE_OUTPUT_MAX: usize = 64 * 1024;
 
-/// SHA-256 over a canonical encoding of the facts: for each fact in key order, the key and the
-/// value, each as a big-endian `u32` length followed by its UTF-8 bytes. Hex.
-pub fn fingerprint(facts: &BTreeMap<String, String>) -> String {
-    let mut h = Sha256::new();
-    for (k, v) in facts {
-        for part in [k, v] {
-            h.update((part.len() as u32).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-    }
-    hex::encode(h.finalize())
-}
+pub use tollgate_protocol::agent::fingerprint;
 
 /// Turns a probe script's stdout into `probe.*` facts.
 pub fn script_facts(stdout: &[u8]) -> Result<BTreeMap<String, String>, String> {
@@ -84,6 +72,18 @@ fn free_bytes(_dir: &Path) -> Option<u64> {
     None
 }
 
+/// Variables every script the agent runs can read: `TOLLGATE_AGENT_ID` (this agent's SPIFFE id)
+/// and `TOLLGATE_AGENT_STATE` (its state directory).
+pub fn script_env(identity: &str, state_dir: &Path) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("TOLLGATE_AGENT_ID".to_string(), identity.to_string()),
+        (
+            "TOLLGATE_AGENT_STATE".to_string(),
+            state_dir.display().to_string(),
+        ),
+    ])
+}
+
 /// What the prober needs to know about this agent.
 #[derive(Debug)]
 pub struct Prober {
@@ -117,7 +117,7 @@ impl Prober {
             shell,
             program,
             script: script.to_string(),
-            env: BTreeMap::new(),
+            env: script_env(&self.identity, &self.state_dir),
             working_dir: None,
             timeout,
             retention: PROBE_OUTPUT_MAX,

@@ -339,7 +339,11 @@ async fn execute(
                 shell: req.shell,
                 program,
                 script: req.script,
-                env: req.env,
+                env: {
+                    let mut env = crate::probe::script_env(&state.prober.identity, &state.prober.state_dir);
+                    env.extend(req.env);
+                    env
+                },
                 working_dir: req.working_dir.map(PathBuf::from),
                 timeout: Duration::from_millis(req.timeout_ms.max(1)),
                 retention: state.retention,

@@ -1,143 +1,448 @@
-//! `tollgate demo`: the embedded default, run on loopback with a throwaway PKI.
-//!
-//! This first version shows the fleet PKI being made and real mutual-TLS QUIC handshakes with
-//! protocol version negotiation: the right pair talks; a wrong identity is refused, and says why.
+//! `tollgate demo`: the embedded default. A throwaway PKI, three real `tollgate-agent` processes
+//! on 127.0.0.2-4, an in-process coordinator on 127.0.0.1, and the whole story told as an
+//! operator would live it: quick deploy, escalation, approval, full teardown, the two-person
+//! rule, and a stale plan blocked at the barrier. Artifacts stay on disk.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tollgate_certs::Role;
 use tollgate_certs::files::Overwrite;
 use tollgate_certs::pki::Pki;
-use tollgate_certs::quic::{self, QuicTimeouts};
-use tollgate_certs::{Expectation, RejectionLog, Role, SpiffeId, TlsIdentity, TrustStore};
-use tollgate_protocol::agent::{AgentRequest, AgentResponse, Hello, HelloAck};
-use tollgate_protocol::io::{read_required, write_frame};
-use tollgate_protocol::{AGENT_ALPN, FrameLimits, SUPPORTED, negotiate};
+use tollgate_coordinator::client::{Client, ClientConfig};
+use tollgate_coordinator::lab::{self, LabHost};
+use tollgate_coordinator::render;
+use tollgate_coordinator::runtime::clock::Clock;
+use tollgate_coordinator::service;
+use tollgate_protocol::ctl::{CtlRequest, CtlResponse, OperationIntent};
+use tollgate_protocol::outcome::{Outcome, RunReport};
+use tollgate_protocol::{Action, Mode};
+use uuid::Uuid;
+
+const FLEET: &str = "demo";
 
 pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = match dir {
         Some(d) => d,
-        None => {
-            std::env::temp_dir().join(format!("tollgate-demo-{}", uuid::Uuid::new_v4().simple()))
-        }
+        None => std::env::temp_dir().join(format!("tollgate-demo-{}", Uuid::new_v4().simple())),
     };
+    if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+        bail!("{} is not empty; choose a new --dir", dir.display());
+    }
+    std::fs::create_dir_all(&dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(story(dir))
+    actix::System::with_tokio_rt(move || rt).block_on(story(dir))
+}
+
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let name = if cfg!(windows) {
+        "tollgate-agent.exe"
+    } else {
+        "tollgate-agent"
+    };
+    let p = exe
+        .parent()
+        .map(|d| d.join(name))
+        .context("no directory for the tollgate executable")?;
+    if !p.is_file() {
+        bail!(
+            "{} not found: build both binaries with `cargo build --release --bins`",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Starts one agent and waits for its "listening" line.
+async fn start_agent(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<(Child, SocketAddr)> {
+    let log_file = std::fs::File::create(log)?;
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().context("agent stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rest) = line.strip_prefix("tollgate-agent listening on ") {
+                return rest
+                    .split_whitespace()
+                    .next()
+                    .context("address")?
+                    .parse::<SocketAddr>()
+                    .map_err(Into::into);
+            }
+        }
+        bail!("agent exited early; see {}", log.display())
+    })
+    .await
+    .context("agent did not start in 20 s")??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, addr))
+}
+
+fn say(title: &str) {
+    println!("\n━━ {title}");
+}
+
+fn cli(line: &str) {
+    println!("$ {line}");
+}
+
+fn indent(text: &str) {
+    for l in text.lines() {
+        println!("  {l}");
+    }
+}
+
+async fn submit(
+    c: &Client,
+    action: Action,
+    mode: Mode,
+    hosts: &[&str],
+    run_id: Uuid,
+) -> anyhow::Result<RunReport> {
+    let req = CtlRequest::Submit(OperationIntent {
+        action,
+        requested_mode: mode,
+        target_hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        run_id,
+        requestor: String::new(),
+        shadow: false,
+    });
+    report_of(
+        c.stream(req, |p| println!("    · {}", render::progress_line(p)))
+            .await?,
+    )
+}
+
+fn report_of(resp: CtlResponse) -> anyhow::Result<RunReport> {
+    match resp {
+        CtlResponse::Run(r) => Ok(r),
+        CtlResponse::Error(e) => bail!("refused: {}", e.message),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+fn app_exists(root: &Path, host: &str) -> bool {
+    root.join("hosts").join(host).join("app").exists()
 }
 
 async fn story(dir: PathBuf) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    println!(
+        "Tollgate demo: a throwaway fleet on this machine, loopback only. Everything is real:"
+    );
+    println!("mutual-TLS QUIC, agent processes, fsynced hash-chained journals, Ed25519 tokens.");
+
+    say("1. Fleet PKI (tollgate certs init / issue)");
     let pki_dir = dir.join("pki");
-    println!("== Fleet PKI");
-    for line in tollgate_coordinator::pki::init(&pki_dir, "demo")? {
-        println!("{line}");
+    let pki = Pki::init(&pki_dir, FLEET)?;
+    pki.issue(Role::Coordinator, None, Overwrite::Refuse)?;
+    let hosts_spec = [
+        ("web1", "web", "standard", 2u8),
+        ("web2", "web", "standard", 3),
+        ("db1", "db", "protected", 4),
+    ];
+    for (name, ..) in hosts_spec {
+        pki.issue(Role::Agent, Some(name), Overwrite::Refuse)?;
     }
-    let pki = Pki::open(&pki_dir)?;
-    for (role, name) in [
-        (Role::Coordinator, None),
-        (Role::Agent, Some("web1")),
-        (Role::Operator, Some("alice")),
-    ] {
-        let issued = pki.issue(role, name, Overwrite::Refuse)?;
-        println!("issued {}", issued.id);
+    for op in ["alice", "bob"] {
+        pki.issue(Role::Operator, Some(op), Overwrite::Refuse)?;
     }
-    let load = |role, name| -> anyhow::Result<TlsIdentity> {
-        let (c, k) = pki.leaf_paths(&SpiffeId::new("demo", role, name)?);
-        Ok(TlsIdentity::load(&c, &k)?)
-    };
-    let trust = TrustStore::load(&pki.ca_cert_path(), &pki.crl_path())?;
+    println!(
+        "  CA, CRL, coordinator, agents web1 web2 db1, operators alice (operator+approver) and bob (approver)"
+    );
+    println!("  in {}", pki_dir.display());
 
-    println!("\n== An agent on 127.0.0.2 that accepts only spiffe://demo/coordinator");
-    let agent_log = RejectionLog::new();
-    let server_cfg = quic::server_config(
-        &load(Role::Agent, Some("web1"))?,
-        &trust,
-        Expectation::Exactly(SpiffeId::coordinator("demo")?),
-        AGENT_ALPN,
-        agent_log.clone(),
-        QuicTimeouts::default(),
-    )?;
-    let addr: SocketAddr = "127.0.0.2:0".parse()?;
-    let server = quinn::Endpoint::server(server_cfg, addr).context("binding 127.0.0.2")?;
-    let addr = server.local_addr()?;
-    let limits = FrameLimits::DEFAULT;
-    tokio::spawn(async move {
-        while let Some(incoming) = server.accept().await {
-            tokio::spawn(async move {
-                let Ok(conn) = incoming.await else { return };
-                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
-                    return;
-                };
-                let answer = match read_required::<_, AgentRequest>(&mut recv, &limits).await {
-                    Ok(AgentRequest::Hello(h)) => match negotiate(SUPPORTED, h.versions) {
-                        Ok(version) => AgentResponse::HelloAck(HelloAck {
-                            version,
-                            software: "demo agent".into(),
-                        }),
-                        Err(_) => return,
-                    },
-                    _ => return,
-                };
-                let _ = write_frame(&mut send, &answer, &limits).await;
-                let _ = send.finish();
-                conn.closed().await;
-            });
-        }
-    });
-    println!("listening on {addr}");
-
-    let web1 = SpiffeId::agent("demo", "web1")?;
-    for (who, role, name) in [
-        ("the coordinator", Role::Coordinator, None),
-        (
-            "operator alice (wrong role for an agent)",
-            Role::Operator,
-            Some("alice"),
-        ),
-    ] {
-        println!("\n== {who} dials web1");
-        let client_cfg = quic::client_config(
-            &load(role, name)?,
-            &trust,
-            web1.clone(),
-            AGENT_ALPN,
-            RejectionLog::new(),
-            QuicTimeouts::default(),
+    say("2. Three agents on 127.0.0.2-4 (tollgate-agent --config agent.toml)");
+    let bin = agent_binary()?;
+    let mut agents = Vec::new();
+    let mut lab_hosts = Vec::new();
+    for (name, role, class, octet) in hosts_spec {
+        let home = dir.join("hosts").join(name);
+        std::fs::create_dir_all(&home)?;
+        std::fs::write(
+            home.join("facts.json"),
+            r#"{"app_version":"1.0","maintenance":"off"}"#,
         )?;
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        ep.set_default_client_config(client_cfg);
-        let result = async {
-            let conn = ep.connect(addr, &web1.server_name())?.await?;
-            let (mut send, mut recv) = conn.open_bi().await?;
-            let hello = AgentRequest::Hello(Hello {
-                versions: SUPPORTED,
-                software: "tollgate demo".into(),
-            });
-            write_frame(&mut send, &hello, &limits).await?;
-            send.finish()?;
-            let ack: AgentResponse = read_required(&mut recv, &limits).await?;
-            conn.close(0u32.into(), b"bye");
-            anyhow::Ok(ack)
-        }
-        .await;
-        match result {
-            Ok(AgentResponse::HelloAck(ack)) => {
-                println!(
-                    "accepted: mutual TLS 1.3, peer spiffe://demo/agent/web1, protocol v{}",
-                    ack.version
-                )
-            }
-            Ok(other) => println!("unexpected answer: {}", other.name()),
-            Err(e) => println!("refused: {e:#}"),
-        }
-        if let Some(r) = agent_log.last() {
-            println!("the agent logged why: {r}");
-        }
-        ep.wait_idle().await;
+        let listen: SocketAddr = format!("127.0.0.{octet}:0").parse()?;
+        let cfg = home.join("agent.toml");
+        std::fs::write(
+            &cfg,
+            lab::agent_toml(&pki, name, listen, &home.join("agent-state"))?,
+        )?;
+        let (child, addr) = start_agent(&bin, &cfg, &home.join("agent.log")).await?;
+        println!("  {name:<5} {class:<10} listening on {addr}");
+        agents.push(child);
+        lab_hosts.push(LabHost {
+            name: name.into(),
+            role: role.into(),
+            safety_class: class.into(),
+            addr,
+        });
     }
-    println!("\nartifacts: {}", dir.display());
+
+    say("3. The coordinator (tollgate serve --config coordinator.toml), in-process");
+    let inventory = dir.join("inventory.toml");
+    let operations = dir.join("operations.toml");
+    let coordinator_toml = dir.join("coordinator.toml");
+    std::fs::write(&inventory, lab::inventory_toml(FLEET, &lab_hosts))?;
+    std::fs::write(&operations, lab::demo_operations_toml())?;
+    std::fs::write(
+        &coordinator_toml,
+        lab::coordinator_toml(
+            &pki,
+            "127.0.0.1:0".parse()?,
+            &dir.join("state"),
+            &inventory,
+            &operations,
+            &[("alice", &["operator", "approver"]), ("bob", &["approver"])],
+            "",
+        )?,
+    )?;
+    let running = service::start(service::load(&coordinator_toml)?, Clock::system()).await?;
+    println!(
+        "  control port {} ; journals in {}",
+        running.ctl_addr,
+        running.runs_dir.display()
+    );
+    for op in ["alice", "bob"] {
+        std::fs::write(
+            dir.join(format!("client-{op}.toml")),
+            lab::client_toml(&pki, op, running.ctl_addr)?,
+        )?;
+    }
+    let alice = Client::connect(&ClientConfig::load(&dir.join("client-alice.toml"))?).await?;
+    let bob = Client::connect(&ClientConfig::load(&dir.join("client-bob.toml"))?).await?;
+    let as_alice = format!(
+        "TOLLGATE_CLIENT={}",
+        dir.join("client-alice.toml").display()
+    );
+
+    say("4. Quick deploy to every host");
+    cli(&format!("{as_alice} tollgate deploy"));
+    let r = submit(&alice, Action::Deploy, Mode::Quick, &[], Uuid::new_v4()).await?;
+    indent(&render::report(&r));
+
+    say("5. Quick teardown of web1,web2: quick mode never destroys, so it escalates");
+    let teardown_id = Uuid::new_v4();
+    cli(&format!("{as_alice} tollgate teardown --hosts web1,web2"));
+    let r = submit(
+        &alice,
+        Action::Teardown,
+        Mode::Quick,
+        &["web1", "web2"],
+        teardown_id,
+    )
+    .await?;
+    indent(&render::report(&r));
+    let Outcome::EscalationRequired { next_command, .. } = &r.outcome else {
+        bail!("expected an escalation, got {:?}", r.outcome)
+    };
+
+    say("6. Running the printed command: full mode needs a confirmation token for this exact plan");
+    cli(&format!("{as_alice} {next_command}"));
+    let r = submit(
+        &alice,
+        Action::Teardown,
+        Mode::Full,
+        &["web1", "web2"],
+        teardown_id,
+    )
+    .await?;
+    indent(&render::report(&r));
+    let Outcome::ConfirmationRequired { operation_hash, .. } = &r.outcome else {
+        bail!("expected ConfirmationRequired, got {:?}", r.outcome)
+    };
+
+    say("7. Alice approves the plan; the token is bound to run, hosts, plan hash and approver");
+    cli(&format!(
+        "{as_alice} tollgate approve {teardown_id} --operation-hash {operation_hash}"
+    ));
+    let token = match alice
+        .call(CtlRequest::Approve {
+            run_id: teardown_id,
+            operation_hash: operation_hash.clone(),
+        })
+        .await?
+    {
+        CtlResponse::Approved(a) => {
+            indent(&render::approval(&a));
+            a.token
+        }
+        other => bail!("approval failed: {other:?}"),
+    };
+
+    say(
+        "8. Execute: barrier (containment, fresh re-probe, policy, token) before the destructive phase",
+    );
+    cli(&format!(
+        "{as_alice} tollgate execute {teardown_id} --token <token>"
+    ));
+    let r = report_of(
+        alice
+            .stream(
+                CtlRequest::Execute {
+                    run_id: teardown_id,
+                    token: token.clone(),
+                },
+                |p| println!("    · {}", render::progress_line(p)),
+            )
+            .await?,
+    )?;
+    indent(&render::report(&r));
+    println!(
+        "  app removed on web1: {}, web2: {}; db1 untouched: {}",
+        !app_exists(&dir, "web1"),
+        !app_exists(&dir, "web2"),
+        app_exists(&dir, "db1")
+    );
+
+    say("9. The same token again: single use, so it is refused");
+    cli(&format!(
+        "{as_alice} tollgate execute {teardown_id} --token <the same token>"
+    ));
+    let r = report_of(
+        alice
+            .call(CtlRequest::Execute {
+                run_id: teardown_id,
+                token,
+            })
+            .await?,
+    )?;
+    indent(&render::report(&r));
+
+    say("10. db1 is protected: its teardown needs two distinct approvers");
+    let db_id = Uuid::new_v4();
+    cli(&format!(
+        "{as_alice} tollgate teardown --mode full --hosts db1"
+    ));
+    let r = submit(&alice, Action::Teardown, Mode::Full, &["db1"], db_id).await?;
+    indent(&render::report(&r));
+    let Outcome::ConfirmationRequired { operation_hash, .. } = &r.outcome else {
+        bail!("expected ConfirmationRequired, got {:?}", r.outcome)
+    };
+    cli(&format!(
+        "{as_alice} tollgate approve {db_id} --operation-hash {operation_hash}"
+    ));
+    match alice
+        .call(CtlRequest::Approve {
+            run_id: db_id,
+            operation_hash: operation_hash.clone(),
+        })
+        .await?
+    {
+        CtlResponse::ApprovalRecorded {
+            approvers,
+            required,
+            ..
+        } => println!(
+            "  approval recorded ({} of {required}): another approver is needed",
+            approvers.len()
+        ),
+        other => bail!("expected a pending approval, got {other:?}"),
+    }
+    cli(&format!(
+        "TOLLGATE_CLIENT={} tollgate approve {db_id} --operation-hash {operation_hash}",
+        dir.join("client-bob.toml").display()
+    ));
+    let token = match bob
+        .call(CtlRequest::Approve {
+            run_id: db_id,
+            operation_hash: operation_hash.clone(),
+        })
+        .await?
+    {
+        CtlResponse::Approved(a) => {
+            println!("  token issued, approved by two people");
+            a.token
+        }
+        other => bail!("approval failed: {other:?}"),
+    };
+
+    say(
+        "11. Before execution, someone hotfixes db1 by hand: its facts drift from the approved plan",
+    );
+    std::fs::write(
+        dir.join("hosts/db1/facts.json"),
+        r#"{"app_version":"1.1-hotfix","maintenance":"off"}"#,
+    )?;
+    println!("  hosts/db1/facts.json: app_version 1.0 -> 1.1-hotfix");
+    cli(&format!(
+        "{as_alice} tollgate execute {db_id} --token <token>"
+    ));
+    let r = report_of(
+        alice
+            .stream(
+                CtlRequest::Execute {
+                    run_id: db_id,
+                    token,
+                },
+                |p| println!("    · {}", render::progress_line(p)),
+            )
+            .await?,
+    )?;
+    indent(&render::report(&r));
+    println!("  db1 app still there: {}", app_exists(&dir, "db1"));
+
+    say("12. Why? (tollgate explain)");
+    cli(&format!("{as_alice} tollgate explain {db_id}"));
+    if let CtlResponse::Explanation { lines } =
+        alice.call(CtlRequest::Explain { run_id: db_id }).await?
+    {
+        for l in lines {
+            println!("  {l}");
+        }
+    }
+
+    say(
+        "13. Every journal is intact (tollgate runs verify), and the fleet as the coordinator sees it",
+    );
+    if let CtlResponse::Runs { runs } = alice.call(CtlRequest::RunsList).await? {
+        for run in &runs {
+            if let CtlResponse::Verified(v) = alice
+                .call(CtlRequest::RunsVerify { run_id: run.run_id })
+                .await?
+            {
+                print!("  {}", render::verify(&v));
+            }
+        }
+    }
+    if let CtlResponse::Status { hosts } = alice.call(CtlRequest::Status).await? {
+        indent(&render::status(&hosts));
+    }
+
+    alice.close();
+    bob.close();
+    running.endpoint.close(0u32.into(), b"demo over");
+    for mut a in agents {
+        let _ = a.start_kill();
+        let _ = a.wait().await;
+    }
+    println!(
+        "\nDone in {:.1} s. Artifacts (PKI, configs, agent logs, runs/*/timeline.jsonl and summary.json):",
+        started.elapsed().as_secs_f64()
+    );
+    println!("  {}", dir.display());
+    println!(
+        "The coordinator and agents stopped with the demo. Each run's story is in state/runs/RUN_ID/:"
+    );
+    println!(
+        "timeline.jsonl (hash-chained decisions) and summary.json (outcome, decisions, signed anchor)."
+    );
     Ok(())
 }

@@ -1,14 +1,23 @@
 //! `tollgate`: the operator's CLI and the coordinator service.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tollgate_certs::Role;
 use tollgate_certs::pki::RevokeTarget;
+use tollgate_coordinator::client::{Client, ClientConfig, ClientError};
 use tollgate_coordinator::pki;
+use tollgate_coordinator::render::{
+    self, EXIT_APPROVAL_PENDING, EXIT_REFUSED, EXIT_TAMPERED, EXIT_UNREACHABLE, EXIT_USAGE,
+};
+use tollgate_protocol::ctl::{CtlRequest, CtlResponse, OperationIntent, ProgressEvent};
+use tollgate_protocol::{Action, Mode};
+use uuid::Uuid;
 
 mod demo;
+mod serve;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -17,12 +26,71 @@ mod demo;
     about = "Safety-first deploy and teardown for small fleets"
 )]
 struct Cli {
+    /// client.toml for commands that talk to the coordinator.
+    #[arg(long, global = true, env = "TOLLGATE_CLIENT")]
+    client: Option<PathBuf>,
+    /// Print the answer as JSON on stdout (progress is not printed).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    Quick,
+    Full,
+}
+
+#[derive(clap::Args, Debug)]
+struct IntentArgs {
+    /// quick never destroys anything; full may, after approval.
+    #[arg(long, value_enum, default_value = "quick")]
+    mode: ModeArg,
+    /// Comma-separated host names (default: every host).
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<String>,
+    /// Run id (default: a new one). The escalation command reuses the escalated run's id.
+    #[arg(long)]
+    run: Option<Uuid>,
+    /// Decide everything, execute nothing.
+    #[arg(long)]
+    shadow: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the coordinator service.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Deploy to the fleet.
+    Deploy(IntentArgs),
+    /// Tear down on the fleet.
+    Teardown(IntentArgs),
+    /// Show the sealed plan of a run.
+    #[command(subcommand)]
+    Plan(PlanCommand),
+    /// Approve the exact plan of a run (approver role).
+    Approve {
+        run: Uuid,
+        #[arg(long)]
+        operation_hash: String,
+    },
+    /// Execute an approved run with its token.
+    Execute {
+        run: Uuid,
+        #[arg(long)]
+        token: String,
+    },
+    /// The fleet's lifecycle, as the coordinator last saw it.
+    Status,
+    /// List, show and verify runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// Why everything in a run happened, in sentences.
+    Explain { run: Uuid },
     /// Mint and revoke the fleet PKI.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -32,6 +100,18 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PlanCommand {
+    Show { run: Uuid },
+}
+
+#[derive(Subcommand, Debug)]
+enum RunsCommand {
+    List,
+    Show { run: Uuid },
+    Verify { run: Uuid },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -128,28 +208,278 @@ fn run_certs(cmd: CertsCommand) -> anyhow::Result<Vec<String>> {
     })
 }
 
+/// Shows progress events on stderr: bars on a terminal, plain lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let bar = (tty && !quiet).then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:30}] {pos}/{len} steps  {msg}",
+            ) {
+                b.set_style(style.progress_chars("=> "));
+            }
+            b
+        });
+        Progress {
+            bar,
+            plain: !tty && !quiet,
+        }
+    }
+
+    fn on(&mut self, p: &ProgressEvent) {
+        let what = render::progress_line(p);
+        if let Some(b) = &self.bar {
+            b.set_length(u64::from(p.total));
+            b.set_position(u64::from(p.done));
+            b.println(format!("  {what}"));
+            b.set_message(what);
+        } else if self.plain {
+            eprintln!("  {what}");
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn emit_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("tollgate: cannot encode the answer: {e}"),
+    }
+}
+
+/// Prints an answer; returns the exit status.
+fn show(resp: CtlResponse, json: bool) -> u8 {
+    match resp {
+        CtlResponse::Run(r) => {
+            if json {
+                emit_json(&r)
+            } else {
+                print!("{}", render::report(&r))
+            }
+            render::exit_code(r.outcome.kind())
+        }
+        CtlResponse::Plan(p) => {
+            if json {
+                emit_json(&p)
+            } else {
+                print!("{}", render::plan(&p))
+            }
+            0
+        }
+        CtlResponse::Approved(a) => {
+            if json {
+                emit_json(&a)
+            } else {
+                print!("{}", render::approval(&a))
+            }
+            0
+        }
+        CtlResponse::ApprovalRecorded {
+            run_id,
+            approvers,
+            required,
+        } => {
+            if json {
+                emit_json(
+                    &serde_json::json!({"run_id": run_id, "approvers": approvers, "required": required}),
+                );
+            } else {
+                println!(
+                    "approval recorded for run {run_id} ({} of {required}: {}); another approver must run the same `tollgate approve` command",
+                    approvers.len(),
+                    approvers.join(", ")
+                );
+            }
+            EXIT_APPROVAL_PENDING
+        }
+        CtlResponse::Status { hosts } => {
+            if json {
+                emit_json(&hosts)
+            } else {
+                print!("{}", render::status(&hosts))
+            }
+            0
+        }
+        CtlResponse::Runs { runs } => {
+            if json {
+                emit_json(&runs)
+            } else {
+                print!("{}", render::runs(&runs))
+            }
+            0
+        }
+        CtlResponse::Summary { json: doc } => {
+            println!("{doc}");
+            0
+        }
+        CtlResponse::Verified(v) => {
+            if json {
+                emit_json(&v)
+            } else {
+                print!("{}", render::verify(&v))
+            }
+            if v.ok { 0 } else { EXIT_TAMPERED }
+        }
+        CtlResponse::Explanation { lines } => {
+            if json {
+                emit_json(&lines)
+            } else {
+                for l in lines {
+                    println!("{l}");
+                }
+            }
+            0
+        }
+        CtlResponse::Error(e) => {
+            if json {
+                emit_json(&e)
+            } else {
+                eprintln!("tollgate: refused ({:?}): {}", e.code, e.message);
+            }
+            EXIT_REFUSED
+        }
+        CtlResponse::HelloAck(_) | CtlResponse::Progress(_) => {
+            eprintln!("tollgate: unexpected answer");
+            EXIT_REFUSED
+        }
+    }
+}
+
+fn client_config(path: Option<PathBuf>) -> Result<ClientConfig, (u8, String)> {
+    let path = path.ok_or((
+        EXIT_USAGE,
+        "no client config: pass --client FILE or set TOLLGATE_CLIENT".to_string(),
+    ))?;
+    ClientConfig::load(&path).map_err(|e| (EXIT_USAGE, e.to_string()))
+}
+
+fn request_for(cmd: Command) -> CtlRequest {
+    let intent = |action, a: IntentArgs| {
+        CtlRequest::Submit(OperationIntent {
+            action,
+            requested_mode: match a.mode {
+                ModeArg::Quick => Mode::Quick,
+                ModeArg::Full => Mode::Full,
+            },
+            target_hosts: a.hosts,
+            run_id: a.run.unwrap_or_else(Uuid::new_v4),
+            requestor: String::new(),
+            shadow: a.shadow,
+        })
+    };
+    match cmd {
+        Command::Deploy(a) => intent(Action::Deploy, a),
+        Command::Teardown(a) => intent(Action::Teardown, a),
+        Command::Plan(PlanCommand::Show { run }) => CtlRequest::PlanShow { run_id: run },
+        Command::Approve {
+            run,
+            operation_hash,
+        } => CtlRequest::Approve {
+            run_id: run,
+            operation_hash,
+        },
+        Command::Execute { run, token } => CtlRequest::Execute { run_id: run, token },
+        Command::Status => CtlRequest::Status,
+        Command::Runs(RunsCommand::List) => CtlRequest::RunsList,
+        Command::Runs(RunsCommand::Show { run }) => CtlRequest::RunsShow { run_id: run },
+        Command::Runs(RunsCommand::Verify { run }) => CtlRequest::RunsVerify { run_id: run },
+        Command::Explain { run } => CtlRequest::Explain { run_id: run },
+        Command::Serve { .. } | Command::Certs(_) | Command::Demo { .. } => CtlRequest::Status,
+    }
+}
+
+fn remote(client: Option<PathBuf>, json: bool, cmd: Command) -> u8 {
+    let cfg = match client_config(client) {
+        Ok(c) => c,
+        Err((code, msg)) => {
+            eprintln!("tollgate: {msg}");
+            return code;
+        }
+    };
+    let req = request_for(cmd);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    rt.block_on(async move {
+        let client = match Client::connect(&cfg).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("tollgate: {e}");
+                return match e {
+                    ClientError::Config { .. } | ClientError::Certs(_) => EXIT_USAGE,
+                    _ => EXIT_UNREACHABLE,
+                };
+            }
+        };
+        let mut progress = Progress::new(json);
+        let answer = client.stream(req, |p| progress.on(p)).await;
+        progress.finish();
+        client.close();
+        match answer {
+            Ok(resp) => show(resp, json),
+            Err(e) => {
+                eprintln!("tollgate: {e}");
+                EXIT_UNREACHABLE
+            }
+        }
+    })
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Certs(cmd) => run_certs(cmd).map(|lines| {
-            for l in lines {
-                println!("{l}");
+    let code = match cli.command {
+        Command::Certs(cmd) => match run_certs(cmd) {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                0
             }
-        }),
-        Command::Demo { dir } => demo::run(dir),
+            Err(e) => {
+                eprintln!("tollgate: {e:#}");
+                EXIT_USAGE
+            }
+        },
+        Command::Demo { dir } => match demo::run(dir) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("tollgate demo: {e:#}");
+                1
+            }
+        },
+        Command::Serve { config } => match serve::run(&config) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("tollgate serve: {e:#}");
+                EXIT_USAGE
+            }
+        },
+        other => remote(cli.client, cli.json, other),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tollgate: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    ExitCode::from(code)
 }

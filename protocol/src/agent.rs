@@ -72,6 +72,21 @@ impl AgentRequest {
     }
 }
 
+/// SHA-256 over the canonical encoding of non-volatile facts: for each fact in key order, the
+/// key and the value, each as a big-endian `u32` length followed by its UTF-8 bytes. Hex.
+/// The agent computes it; the coordinator recomputes it and refuses a report that disagrees.
+pub fn fingerprint(facts: &BTreeMap<String, String>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (k, v) in facts {
+        for part in [k, v] {
+            h.update((part.len() as u32).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    hex::encode(h.finalize())
+}
+
 /// Facts about a host. `facts` are non-volatile and fingerprinted; `volatile` facts (free space,
 /// uptime) are reported but never part of the fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -157,6 +157,8 @@ pub enum CtlResponse {
     Run(RunReport),
     Plan(PlanView),
     Approved(Approval),
+    /// An approval was recorded; more distinct approvers are needed before a token is issued.
+    ApprovalRecorded { run_id: Uuid, approvers: Vec<String>, required: u8 },
     Status {
         hosts: Vec<HostStatus>,
     },

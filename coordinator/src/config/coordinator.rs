@@ -1,0 +1,536 @@
+//! `coordinator.toml`: where the service listens, its certificates and state, who may do what,
+//! and the knobs of the safety core (tokens, probes, concurrency, retries, rollout).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::inventory::SafetyClass;
+use super::locate::{key_segment, parse_toml};
+use super::values::{duration_in, is_spiffe_id};
+use super::{ConfigError, read_file};
+
+/// Default `listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7440";
+/// Default `tokens.lifetime`: 15 minutes.
+pub const DEFAULT_TOKEN_LIFETIME_MS: u64 = 900_000;
+/// Longest token lifetime any class may have: 24 hours.
+pub const MAX_TOKEN_LIFETIME_MS: u64 = 86_400_000;
+
+/// What an identity may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read status, runs and explanations.
+    Viewer,
+    /// Submit intents and execute approved plans.
+    Operator,
+    /// Approve plans (receive confirmation tokens).
+    Approver,
+}
+
+impl Role {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Approver => "approver",
+        }
+    }
+}
+
+/// The authorization table: identity -> roles. An identity that is not listed has no role.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Authorization {
+    grants: BTreeMap<String, BTreeSet<Role>>,
+}
+
+impl Authorization {
+    /// Builds a table from grants.
+    pub fn new(grants: BTreeMap<String, BTreeSet<Role>>) -> Self {
+        Authorization { grants }
+    }
+
+    /// Whether `identity` holds `role`.
+    pub fn has_role(&self, identity: &str, role: Role) -> bool {
+        self.grants.get(identity).is_some_and(|r| r.contains(&role))
+    }
+
+    /// Every grant, by identity.
+    pub fn grants(&self) -> &BTreeMap<String, BTreeSet<Role>> {
+        &self.grants
+    }
+}
+
+/// A value per safety class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassTable<T> {
+    /// For `disposable` hosts.
+    pub disposable: T,
+    /// For `standard` hosts.
+    pub standard: T,
+    /// For `protected` hosts.
+    pub protected: T,
+}
+
+impl<T> ClassTable<T> {
+    /// The value for `class`.
+    pub fn get(&self, class: SafetyClass) -> &T {
+        match class {
+            SafetyClass::Disposable => &self.disposable,
+            SafetyClass::Standard => &self.standard,
+            SafetyClass::Protected => &self.protected,
+        }
+    }
+}
+
+/// Token rules for one safety class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassTokenPolicy {
+    /// How long a token for a plan touching this class stays valid.
+    pub lifetime_ms: u64,
+    /// Distinct approvers a plan touching this class needs (1 or 2).
+    pub approvers: u8,
+}
+
+/// `[tokens]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSettings {
+    /// PKCS#8 Ed25519 key the coordinator signs tokens with.
+    pub signing_key: PathBuf,
+    /// Lifetime and approvers per class.
+    pub classes: ClassTable<ClassTokenPolicy>,
+}
+
+/// `[tls]`: the coordinator's own certificate and the fleet CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// Fleet CA certificate (PEM).
+    pub ca: PathBuf,
+    /// Coordinator certificate (PEM).
+    pub cert: PathBuf,
+    /// Coordinator private key (PEM).
+    pub key: PathBuf,
+    /// Certificate revocation list (PEM), if revocation is in use.
+    pub crl: Option<PathBuf>,
+}
+
+/// `[probe]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// How long one probe may take.
+    pub timeout_ms: u64,
+    /// How old a barrier re-probe may be when the barrier decides.
+    pub freshness_ms: u64,
+}
+
+/// `[concurrency]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Concurrency {
+    /// Steps in flight across all runs.
+    pub global: u32,
+    /// Hosts working at once within one phase of one run.
+    pub per_phase: u32,
+}
+
+/// `[retry]`: backoff for transient failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Upper bound on attempts of any step (a step's own `retries` is capped by it).
+    pub max_attempts: u32,
+    /// Delay before the first retry, doubled for each further one.
+    pub base_backoff_ms: u64,
+    /// Largest delay.
+    pub max_backoff_ms: u64,
+}
+
+/// One rollout batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batch {
+    /// `"N"`: this many hosts in total so far.
+    Count(u32),
+    /// `"P%"`: this share of the target hosts in total so far.
+    Percent(u8),
+}
+
+/// `[rollout]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// Cumulative batch sizes; the last is always `100%`.
+    pub batches: Vec<Batch>,
+    /// Failed hosts / hosts so far above which the next batch does not start.
+    pub max_failure_ratio: f64,
+}
+
+/// A validated `coordinator.toml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinatorConfig {
+    /// Address of the QUIC control endpoint.
+    pub listen: SocketAddr,
+    /// Journals, run artifacts, token key.
+    pub state_dir: PathBuf,
+    /// Path of `inventory.toml`.
+    pub inventory: PathBuf,
+    /// Path of `operations.toml`.
+    pub operations: PathBuf,
+    /// The `pwsh` executable for PowerShell remoting.
+    pub pwsh: String,
+    /// Certificates.
+    pub tls: TlsPaths,
+    /// Who may do what.
+    pub authorization: Authorization,
+    /// Confirmation tokens.
+    pub tokens: TokenSettings,
+    /// Probes and freshness.
+    pub probe: ProbeSettings,
+    /// Concurrency limits.
+    pub concurrency: Concurrency,
+    /// Transient-failure retries.
+    pub retry: RetryPolicy,
+    /// Batches and gates.
+    pub rollout: Rollout,
+}
+
+impl CoordinatorConfig {
+    /// Makes every relative path relative to `dir` (the directory of `coordinator.toml`).
+    pub fn resolve_relative_to(mut self, dir: &Path) -> Self {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        fix(&mut self.state_dir);
+        fix(&mut self.inventory);
+        fix(&mut self.operations);
+        fix(&mut self.tls.ca);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        if let Some(crl) = &mut self.tls.crl {
+            fix(crl);
+        }
+        fix(&mut self.tokens.signing_key);
+        self
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCoordinator {
+    listen: Option<String>,
+    state_dir: Option<String>,
+    inventory: Option<String>,
+    operations: Option<String>,
+    pwsh: Option<String>,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    authorization: BTreeMap<String, Vec<Role>>,
+    #[serde(default)]
+    tokens: RawTokens,
+    #[serde(default)]
+    probe: RawProbe,
+    #[serde(default)]
+    concurrency: RawConcurrency,
+    #[serde(default)]
+    retry: RawRetry,
+    #[serde(default)]
+    rollout: RawRollout,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    crl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    lifetime: Option<toml::Value>,
+    signing_key: Option<String>,
+    disposable: Option<RawClassTokens>,
+    standard: Option<RawClassTokens>,
+    protected: Option<RawClassTokens>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClassTokens {
+    lifetime: Option<toml::Value>,
+    approvers: Option<u8>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    timeout: Option<toml::Value>,
+    freshness: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConcurrency {
+    global: Option<u32>,
+    per_phase: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+    base_backoff_ms: Option<u64>,
+    max_backoff_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    batches: Option<Vec<String>>,
+    max_failure_ratio: Option<f64>,
+}
+
+/// Parses and validates `coordinator.toml` text; `file` names it in errors. Paths are kept as
+/// written (see [`CoordinatorConfig::resolve_relative_to`]).
+pub fn parse_coordinator(text: &str, file: &str) -> Result<CoordinatorConfig, ConfigError> {
+    let raw: RawCoordinator = parse_toml(text, file)?;
+    let err = |key: &str, reason: String| ConfigError::invalid(file, key, reason);
+
+    let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listen: SocketAddr = listen_text
+        .parse()
+        .map_err(|_| err("listen", format!("{listen_text:?} is not IP:PORT")))?;
+    let state_dir = non_empty_path(file, "state_dir", raw.state_dir, "state")?;
+
+    let mut grants = BTreeMap::new();
+    for (identity, roles) in raw.authorization {
+        let key = format!("authorization.{}", key_segment(&identity));
+        if !is_spiffe_id(&identity) {
+            return Err(err(
+                &key,
+                format!("{identity:?} is not a SPIFFE id (spiffe://FLEET/operator/NAME)"),
+            ));
+        }
+        grants.insert(identity, roles.into_iter().collect());
+    }
+
+    let default_lifetime = match &raw.tokens.lifetime {
+        None => DEFAULT_TOKEN_LIFETIME_MS,
+        Some(v) => {
+            duration_in(v, 1_000, MAX_TOKEN_LIFETIME_MS).map_err(|r| err("tokens.lifetime", r))?
+        }
+    };
+    let class = |name: &str, raw: &Option<RawClassTokens>, approvers: u8, cap_ms: u64| {
+        let raw_lifetime = raw.as_ref().and_then(|r| r.lifetime.as_ref());
+        let lifetime_ms = match raw_lifetime {
+            None => default_lifetime,
+            Some(v) => duration_in(v, 1_000, cap_ms)
+                .map_err(|r| err(&format!("tokens.{name}.lifetime"), r))?,
+        };
+        let approvers = raw.as_ref().and_then(|r| r.approvers).unwrap_or(approvers);
+        if !(1..=2).contains(&approvers) {
+            return Err(err(
+                &format!("tokens.{name}.approvers"),
+                format!("must be 1 or 2, got {approvers}"),
+            ));
+        }
+        Ok(ClassTokenPolicy {
+            lifetime_ms,
+            approvers,
+        })
+    };
+    let classes = ClassTable {
+        // Only disposable hosts may allow a longer lifetime than `tokens.lifetime`.
+        disposable: class(
+            "disposable",
+            &raw.tokens.disposable,
+            1,
+            MAX_TOKEN_LIFETIME_MS,
+        )?,
+        standard: class("standard", &raw.tokens.standard, 1, default_lifetime)?,
+        protected: class("protected", &raw.tokens.protected, 2, default_lifetime)?,
+    };
+    let signing_key = match raw.tokens.signing_key {
+        Some(p) => non_empty_path(file, "tokens.signing_key", Some(p), "")?,
+        None => state_dir.join("token-signing.pk8"),
+    };
+
+    let probe = ProbeSettings {
+        timeout_ms: match &raw.probe.timeout {
+            None => 10_000,
+            Some(v) => duration_in(v, 100, 300_000).map_err(|r| err("probe.timeout", r))?,
+        },
+        freshness_ms: match &raw.probe.freshness {
+            None => 60_000,
+            Some(v) => duration_in(v, 1_000, 3_600_000).map_err(|r| err("probe.freshness", r))?,
+        },
+    };
+
+    let global = raw.concurrency.global.unwrap_or(64);
+    let per_phase = raw.concurrency.per_phase.unwrap_or(global.min(16));
+    if global == 0 {
+        return Err(err("concurrency.global", "must be at least 1".into()));
+    }
+    if per_phase == 0 || per_phase > global {
+        return Err(err(
+            "concurrency.per_phase",
+            format!("must be between 1 and concurrency.global ({global}), got {per_phase}"),
+        ));
+    }
+
+    let retry = RetryPolicy {
+        max_attempts: raw.retry.max_attempts.unwrap_or(3),
+        base_backoff_ms: raw.retry.base_backoff_ms.unwrap_or(200),
+        max_backoff_ms: raw.retry.max_backoff_ms.unwrap_or(10_000),
+    };
+    if !(1..=10).contains(&retry.max_attempts) {
+        return Err(err(
+            "retry.max_attempts",
+            format!("must be between 1 and 10, got {}", retry.max_attempts),
+        ));
+    }
+    if retry.base_backoff_ms == 0 || retry.base_backoff_ms > retry.max_backoff_ms {
+        return Err(err(
+            "retry.base_backoff_ms",
+            format!(
+                "must be between 1 and retry.max_backoff_ms ({}), got {}",
+                retry.max_backoff_ms, retry.base_backoff_ms
+            ),
+        ));
+    }
+    if retry.max_backoff_ms > 600_000 {
+        return Err(err(
+            "retry.max_backoff_ms",
+            format!(
+                "must be at most 600000 (10 minutes), got {}",
+                retry.max_backoff_ms
+            ),
+        ));
+    }
+
+    let rollout = convert_rollout(file, raw.rollout)?;
+
+    Ok(CoordinatorConfig {
+        listen,
+        inventory: non_empty_path(file, "inventory", raw.inventory, "inventory.toml")?,
+        operations: non_empty_path(file, "operations", raw.operations, "operations.toml")?,
+        pwsh: match raw.pwsh {
+            Some(p) if p.trim().is_empty() => {
+                return Err(err("pwsh", "must not be empty".into()));
+            }
+            Some(p) => p,
+            None => "pwsh".to_owned(),
+        },
+        tls: TlsPaths {
+            ca: non_empty_path(file, "tls.ca", raw.tls.ca, "pki/ca.pem")?,
+            cert: non_empty_path(file, "tls.cert", raw.tls.cert, "pki/coordinator.pem")?,
+            key: non_empty_path(file, "tls.key", raw.tls.key, "pki/coordinator.key")?,
+            crl: match raw.tls.crl {
+                Some(p) => Some(non_empty_path(file, "tls.crl", Some(p), "")?),
+                None => None,
+            },
+        },
+        state_dir,
+        authorization: Authorization::new(grants),
+        tokens: TokenSettings {
+            signing_key,
+            classes,
+        },
+        probe,
+        concurrency: Concurrency { global, per_phase },
+        retry,
+        rollout,
+    })
+}
+
+/// Reads and parses `coordinator.toml`, then makes its paths relative to the file's directory.
+pub fn load_coordinator(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+    let (text, label) = read_file(path)?;
+    let config = parse_coordinator(&text, &label)?;
+    Ok(config.resolve_relative_to(path.parent().unwrap_or_else(|| Path::new("."))))
+}
+
+fn non_empty_path(
+    file: &str,
+    key: &str,
+    value: Option<String>,
+    default: &str,
+) -> Result<PathBuf, ConfigError> {
+    match value {
+        Some(p) if p.trim().is_empty() => Err(ConfigError::invalid(file, key, "must not be empty")),
+        Some(p) => Ok(PathBuf::from(p)),
+        None => Ok(PathBuf::from(default)),
+    }
+}
+
+fn convert_rollout(file: &str, raw: RawRollout) -> Result<Rollout, ConfigError> {
+    let texts = raw.batches.unwrap_or_else(|| vec!["100%".to_owned()]);
+    if texts.is_empty() {
+        return Err(ConfigError::invalid(
+            file,
+            "rollout.batches",
+            "must not be empty (leave it out for a single batch of 100%)",
+        ));
+    }
+    let mut batches = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let key = format!("rollout.batches[{i}]");
+        let batch = parse_batch(text).ok_or_else(|| {
+            ConfigError::invalid(
+                file,
+                &key,
+                format!("{text:?} is not a host count (\"1\") or a percentage (\"50%\", 1 to 100)"),
+            )
+        })?;
+        let grows = batches
+            .iter()
+            .rev()
+            .find_map(|prev: &Batch| match (prev, &batch) {
+                (Batch::Count(a), Batch::Count(b)) => Some(b > a),
+                (Batch::Percent(a), Batch::Percent(b)) => Some(b > a),
+                _ => None,
+            });
+        if grows == Some(false) {
+            return Err(ConfigError::invalid(
+                file,
+                key,
+                format!("{text:?} does not grow the rollout (batches are cumulative)"),
+            ));
+        }
+        batches.push(batch);
+    }
+    if batches.last() != Some(&Batch::Percent(100)) {
+        return Err(ConfigError::invalid(
+            file,
+            format!("rollout.batches[{}]", batches.len() - 1),
+            "the last batch must be \"100%\"",
+        ));
+    }
+    let ratio = raw.max_failure_ratio.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(ConfigError::invalid(
+            file,
+            "rollout.max_failure_ratio",
+            format!("must be between 0.0 and 1.0, got {ratio}"),
+        ));
+    }
+    Ok(Rollout {
+        batches,
+        max_failure_ratio: ratio,
+    })
+}
+
+fn parse_batch(text: &str) -> Option<Batch> {
+    if let Some(p) = text.strip_suffix('%') {
+        let p: u8 = p.parse().ok()?;
+        (1..=100).contains(&p).then_some(Batch::Percent(p))
+    } else {
+        let n: u32 = text.parse().ok()?;
+        (n >= 1).then_some(Batch::Count(n))
+    }
+}

@@ -1,0 +1,416 @@
+//! `inventory.toml`: the hosts, their roles, safety classes and transports.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::locate::parse_toml;
+use super::values::{DNS_LABEL_RULE, is_dns_label, is_spiffe_id};
+use super::{ConfigError, read_file};
+
+/// How much care a host needs. Drives approvals and token lifetimes (see `[tokens]` in
+/// `coordinator.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SafetyClass {
+    /// Throwaway machines; may allow a longer token lifetime.
+    Disposable,
+    /// The default class.
+    Standard,
+    /// Machines that may require two distinct approvers.
+    Protected,
+}
+
+impl SafetyClass {
+    /// Every class, in order.
+    pub const ALL: [SafetyClass; 3] = [
+        SafetyClass::Disposable,
+        SafetyClass::Standard,
+        SafetyClass::Protected,
+    ];
+
+    /// The name used in the files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SafetyClass::Disposable => "disposable",
+            SafetyClass::Standard => "standard",
+            SafetyClass::Protected => "protected",
+        }
+    }
+}
+
+impl std::fmt::Display for SafetyClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One host of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// Unique DNS-label name.
+    pub name: String,
+    /// The role that selects which steps run on it.
+    pub role: String,
+    /// How much care it needs.
+    pub safety_class: SafetyClass,
+    /// How the coordinator reaches it.
+    pub transport: Transport,
+}
+
+/// Exactly one way to reach a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// A `tollgate-agent` over QUIC with mutual TLS.
+    Agent(AgentTransport),
+    /// A PowerShell remoting session supervised by the coordinator.
+    PsRemoting(PsRemoting),
+    /// The coordinator's own machine.
+    Local,
+}
+
+impl Transport {
+    /// `agent`, `psremoting` or `local`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Transport::Agent(_) => "agent",
+            Transport::PsRemoting(_) => "psremoting",
+            Transport::Local => "local",
+        }
+    }
+}
+
+/// `transport.agent = { address, identity }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentTransport {
+    /// `HOST:PORT` to dial.
+    pub address: String,
+    /// The SPIFFE id the agent's certificate must carry (`spiffe://FLEET/agent/NAME`).
+    pub identity: String,
+}
+
+/// Which `New-PSSession` parameter set to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PsTarget {
+    /// `-ComputerName` (WinRM / WS-Management).
+    ComputerName(String),
+    /// `-HostName` (SSH).
+    HostName(String),
+}
+
+/// `transport.psremoting = { ... }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsRemoting {
+    /// The machine to connect to, and so the wire (`wsman` or `ssh`).
+    pub target: PsTarget,
+    /// Port; `None` uses PowerShell's default for the wire.
+    pub port: Option<u16>,
+    /// WinRM session configuration (`-ConfigurationName`).
+    pub configuration_name: Option<String>,
+    /// Name of a credential the coordinator looks up (WinRM only); never a secret itself.
+    pub credential_ref: Option<String>,
+    /// SSH user (`-UserName`).
+    pub user: Option<String>,
+    /// SSH private key file (`-KeyFilePath`).
+    pub key_file: Option<String>,
+}
+
+/// A validated inventory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inventory {
+    source: String,
+    hosts: Vec<Host>,
+}
+
+impl Inventory {
+    /// Validates hand-built hosts (the same rules as the file). `source` names them in errors.
+    pub fn new(source: &str, hosts: Vec<Host>) -> Result<Self, ConfigError> {
+        validate_hosts(source, &hosts)?;
+        Ok(Inventory {
+            source: source.to_owned(),
+            hosts,
+        })
+    }
+
+    /// The file (or label) this inventory came from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Hosts in file order.
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// The host named `name`.
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// Every role some host has.
+    pub fn roles(&self) -> BTreeSet<&str> {
+        self.hosts.iter().map(|h| h.role.as_str()).collect()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInventory {
+    #[serde(default)]
+    hosts: Vec<RawHost>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    name: String,
+    role: String,
+    safety_class: SafetyClass,
+    transport: RawTransport,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransport {
+    agent: Option<RawAgent>,
+    psremoting: Option<RawPsRemoting>,
+    local: Option<RawLocal>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    address: String,
+    identity: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Wire {
+    Wsman,
+    Ssh,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPsRemoting {
+    computer_name: Option<String>,
+    host_name: Option<String>,
+    transport: Option<Wire>,
+    port: Option<u16>,
+    configuration_name: Option<String>,
+    credential_ref: Option<String>,
+    user: Option<String>,
+    key_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {}
+
+/// Parses and validates `inventory.toml` text; `file` names it in errors.
+pub fn parse_inventory(text: &str, file: &str) -> Result<Inventory, ConfigError> {
+    let raw: RawInventory = parse_toml(text, file)?;
+    let mut hosts = Vec::with_capacity(raw.hosts.len());
+    for (i, h) in raw.hosts.into_iter().enumerate() {
+        let key = format!("hosts[{i}]");
+        let transport = convert_transport(file, &format!("{key}.transport"), h.transport)?;
+        hosts.push(Host {
+            name: h.name,
+            role: h.role,
+            safety_class: h.safety_class,
+            transport,
+        });
+    }
+    Inventory::new(file, hosts)
+}
+
+/// Reads and parses an inventory file.
+pub fn load_inventory(path: &Path) -> Result<Inventory, ConfigError> {
+    let (text, label) = read_file(path)?;
+    parse_inventory(&text, &label)
+}
+
+fn convert_transport(file: &str, key: &str, raw: RawTransport) -> Result<Transport, ConfigError> {
+    let given = [
+        raw.agent.is_some(),
+        raw.psremoting.is_some(),
+        raw.local.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if given != 1 {
+        return Err(ConfigError::invalid(
+            file,
+            key,
+            format!("exactly one of `agent`, `psremoting` or `local` is required, found {given}"),
+        ));
+    }
+    if let Some(a) = raw.agent {
+        return Ok(Transport::Agent(AgentTransport {
+            address: a.address,
+            identity: a.identity,
+        }));
+    }
+    if let Some(p) = raw.psremoting {
+        return convert_psremoting(file, &format!("{key}.psremoting"), p)
+            .map(Transport::PsRemoting);
+    }
+    Ok(Transport::Local)
+}
+
+fn convert_psremoting(file: &str, key: &str, p: RawPsRemoting) -> Result<PsRemoting, ConfigError> {
+    let (target, implied) = match (p.computer_name, p.host_name) {
+        (Some(c), None) => (PsTarget::ComputerName(c), Wire::Wsman),
+        (None, Some(h)) => (PsTarget::HostName(h), Wire::Ssh),
+        _ => {
+            return Err(ConfigError::invalid(
+                file,
+                key,
+                "exactly one of `computer_name` (WinRM) or `host_name` (SSH) is required",
+            ));
+        }
+    };
+    if let Some(wire) = p.transport
+        && wire != implied
+    {
+        let (given, needs) = match implied {
+            Wire::Wsman => ("computer_name", "wsman"),
+            Wire::Ssh => ("host_name", "ssh"),
+        };
+        return Err(ConfigError::invalid(
+            file,
+            format!("{key}.transport"),
+            format!("`{given}` needs transport = \"{needs}\""),
+        ));
+    }
+    if implied == Wire::Wsman && (p.user.is_some() || p.key_file.is_some()) {
+        let which = if p.user.is_some() { "user" } else { "key_file" };
+        return Err(ConfigError::invalid(
+            file,
+            format!("{key}.{which}"),
+            "only allowed with transport = \"ssh\" (use `credential_ref` for WinRM)",
+        ));
+    }
+    if implied == Wire::Ssh && (p.credential_ref.is_some() || p.configuration_name.is_some()) {
+        let which = if p.credential_ref.is_some() {
+            "credential_ref"
+        } else {
+            "configuration_name"
+        };
+        return Err(ConfigError::invalid(
+            file,
+            format!("{key}.{which}"),
+            "only allowed with transport = \"wsman\"",
+        ));
+    }
+    if p.port == Some(0) {
+        return Err(ConfigError::invalid(
+            file,
+            format!("{key}.port"),
+            "must be between 1 and 65535",
+        ));
+    }
+    let target_name = match &target {
+        PsTarget::ComputerName(n) | PsTarget::HostName(n) => n,
+    };
+    if target_name.trim().is_empty() {
+        let which = match target {
+            PsTarget::ComputerName(_) => "computer_name",
+            PsTarget::HostName(_) => "host_name",
+        };
+        return Err(ConfigError::invalid(
+            file,
+            format!("{key}.{which}"),
+            "must not be empty",
+        ));
+    }
+    Ok(PsRemoting {
+        target,
+        port: p.port,
+        configuration_name: p.configuration_name,
+        credential_ref: p.credential_ref,
+        user: p.user,
+        key_file: p.key_file,
+    })
+}
+
+fn validate_hosts(file: &str, hosts: &[Host]) -> Result<(), ConfigError> {
+    if hosts.is_empty() {
+        return Err(ConfigError::invalid(
+            file,
+            "hosts",
+            "at least one [[hosts]] entry is required",
+        ));
+    }
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let key = format!("hosts[{i}]");
+        if !is_dns_label(&h.name) {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{key}.name"),
+                format!("{:?} {DNS_LABEL_RULE}", h.name),
+            ));
+        }
+        if let Some(first) = names.insert(&h.name, i) {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{key}.name"),
+                format!("duplicate host name {:?} (first at hosts[{first}])", h.name),
+            ));
+        }
+        if !is_dns_label(&h.role) {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{key}.role"),
+                format!("{:?} {DNS_LABEL_RULE}", h.role),
+            ));
+        }
+        if let Transport::Agent(a) = &h.transport {
+            validate_agent(file, &format!("{key}.transport.agent"), &h.name, a)?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_agent(
+    file: &str,
+    key: &str,
+    name: &str,
+    a: &AgentTransport,
+) -> Result<(), ConfigError> {
+    let port_ok = a
+        .address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+    if !port_ok {
+        return Err(ConfigError::invalid(
+            file,
+            format!("{key}.address"),
+            format!("{:?} is not HOST:PORT (e.g. \"127.0.0.2:7443\")", a.address),
+        ));
+    }
+    let suffix = format!("/agent/{name}");
+    if !is_spiffe_id(&a.identity) || !a.identity.ends_with(&suffix) {
+        return Err(ConfigError::invalid(
+            file,
+            format!("{key}.identity"),
+            format!(
+                "{:?} must be spiffe://FLEET/agent/{name} (the agent's certificate id for this host)",
+                a.identity
+            ),
+        ));
+    }
+    let domain_and_path = a.identity.trim_start_matches("spiffe://");
+    if domain_and_path.matches('/').count() != 2 {
+        return Err(ConfigError::invalid(
+            file,
+            format!("{key}.identity"),
+            format!("{:?} must be spiffe://FLEET/agent/{name}", a.identity),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Configuration files (SPEC §2), validated on load.
+//!
+//! Three files, each parsed with `deny_unknown_fields` and then validated. Every error is a
+//! [`ConfigError`] naming the **file**, the **key** (a dotted path such as
+//! `hosts[2].transport.agent.address`) and the **reason**. `parse_*` functions are pure (text in,
+//! value out); `load_*` read the file and call them, and are the only I/O here.
+//!
+//! Names of hosts, roles, phases and steps are DNS labels: 1 to 63 of `[a-z0-9-]`, not starting
+//! or ending with `-`. Durations are an integer number of seconds (`30`) or an integer with a
+//! unit `ms`, `s`, `m` or `h` (`"250ms"`, `"30s"`, `"5m"`, `"1h"`).
+//!
+//! # `inventory.toml`
+//!
+//! ```toml
+//! [[hosts]]
+//! name = "web1"                  # unique DNS label
+//! role = "web"                   # DNS label; selects steps
+//! safety_class = "standard"      # disposable | standard | protected
+//! # exactly one of transport.agent / transport.psremoting / transport.local:
+//! transport.agent = { address = "127.0.0.2:7443", identity = "spiffe://example.org/agent/web1" }
+//!
+//! [[hosts]]
+//! name = "db1"
+//! role = "db"
+//! safety_class = "protected"
+//! [hosts.transport.psremoting]
+//! computer_name = "db1.corp.example"   # WinRM; or host_name = "..." for SSH (exactly one)
+//! transport = "wsman"                  # optional; must match: computer_name=wsman, host_name=ssh
+//! port = 5986                          # optional
+//! configuration_name = "Tollgate"      # optional, wsman only
+//! credential_ref = "db-admin"          # optional, wsman only (a name, never a secret)
+//! # user = "deploy", key_file = "~/.ssh/id_ed25519"   # ssh only
+//!
+//! [[hosts]]
+//! name = "admin"
+//! role = "tools"
+//! safety_class = "disposable"
+//! transport.local = {}
+//! ```
+//!
+//! Rules: at least one host; unique names; agent `address` is `HOST:PORT`; agent `identity` is
+//! `spiffe://FLEET/agent/NAME` with NAME the host's own name (so identities are unique too).
+//!
+//! # `operations.toml`
+//!
+//! ```toml
+//! [[deploy.phases]]
+//! name = "install"
+//! [[deploy.phases.steps]]
+//! id = "install-app"
+//! roles = ["web"]                # roles from the inventory (see validate_operations)
+//! shell = "pwsh"                 # pwsh (default) | sh
+//! run = "Install-App -Version 1.2"   # or run_file = "scripts/install.ps1" (relative to this file)
+//! destructive = false            # REQUIRED, no default
+//! timeout = "5m"                 # default 5m; 1s..24h
+//! retries = 2                    # transient failures only; default 0, at most 10
+//! check = "if (Test-App) { exit 0 } else { exit 1 }"   # optional: exit 0 = already done, skip
+//!
+//! [[teardown.phases]]
+//! name = "remove"
+//! [[teardown.phases.steps]]
+//! id = "remove-app"
+//! roles = ["web"]
+//! run = "Remove-App"
+//! destructive = true
+//!
+//! [probes.web]                   # optional per role; stdout is a JSON object of facts
+//! shell = "pwsh"
+//! run = "@{ app = (Get-AppVersion) } | ConvertTo-Json"
+//! ```
+//!
+//! Rules: both `deploy` and `teardown` have at least one phase; phases have unique names and at
+//! least one step; step ids are unique within an action; a step has `run` or `run_file`, not
+//! both; roles are non-empty and listed once. A phase is destructive if any of its steps is.
+//!
+//! # `coordinator.toml`
+//!
+//! Every key is optional; the values shown are the defaults unless marked *example*.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7440"          # QUIC control endpoint, IP:PORT
+//! state_dir = "state"                # journals and run artifacts
+//! inventory = "inventory.toml"
+//! operations = "operations.toml"
+//! pwsh = "pwsh"                      # executable used for PowerShell remoting
+//!
+//! [tls]
+//! ca = "pki/ca.pem"
+//! cert = "pki/coordinator.pem"
+//! key = "pki/coordinator.key"
+//! crl = "pki/crl.pem"                # example; no CRL by default
+//!
+//! [authorization]                    # example; empty by default (nobody may do anything)
+//! "spiffe://example.org/operator/alice" = ["operator", "approver"]
+//! "spiffe://example.org/operator/bob" = ["approver"]
+//! "spiffe://example.org/operator/ci" = ["viewer"]
+//!
+//! [tokens]
+//! lifetime = "15m"                   # 1s..24h; default for every class
+//! signing_key = "state/token-signing.pk8"   # default: STATE_DIR/token-signing.pk8
+//! [tokens.disposable]
+//! lifetime = "15m"                   # may be longer than tokens.lifetime (up to 24h)
+//! approvers = 1                      # 1 or 2
+//! [tokens.standard]
+//! lifetime = "15m"                   # at most tokens.lifetime
+//! approvers = 1
+//! [tokens.protected]
+//! lifetime = "15m"                   # at most tokens.lifetime
+//! approvers = 2                      # two distinct approvers by default
+//!
+//! [probe]
+//! timeout = "10s"                    # 100ms..5m, one probe
+//! freshness = "60s"                  # 1s..1h, max age of a barrier re-probe
+//!
+//! [concurrency]
+//! global = 64                        # steps in flight across runs, >= 1
+//! per_phase = 16                     # hosts at once in one phase, 1..=global (default min(16, global))
+//!
+//! [retry]
+//! max_attempts = 3                   # 1..=10; caps every step's 1 + retries
+//! base_backoff_ms = 200              # 1..=max_backoff_ms, doubled per retry
+//! max_backoff_ms = 10000             # at most 600000
+//!
+//! [rollout]
+//! batches = ["100%"]                 # e.g. ["1", "50%", "100%"]; cumulative; last is "100%"
+//! max_failure_ratio = 0.0            # 0.0..=1.0
+//! ```
+//!
+//! Relative paths are relative to the directory of `coordinator.toml` ([`load_coordinator`]
+//! resolves them).
+
+mod coordinator;
+mod error;
+mod inventory;
+mod locate;
+mod operations;
+mod values;
+
+use std::path::Path;
+
+pub use coordinator::{
+    Authorization, Batch, ClassTable, ClassTokenPolicy, Concurrency, CoordinatorConfig,
+    DEFAULT_LISTEN, DEFAULT_TOKEN_LIFETIME_MS, MAX_TOKEN_LIFETIME_MS, ProbeSettings, RetryPolicy,
+    Role, Rollout, TlsPaths, TokenSettings, load_coordinator, parse_coordinator,
+};
+pub use error::ConfigError;
+pub use inventory::{
+    AgentTransport, Host, Inventory, PsRemoting, PsTarget, SafetyClass, Transport, load_inventory,
+    parse_inventory,
+};
+pub use operations::{
+    ActionSpec, DEFAULT_STEP_TIMEOUT_MS, MAX_STEP_RETRIES, MAX_STEP_TIMEOUT_MS, Operations, Phase,
+    ProbeScript, ScriptSource, Step, load_operations, parse_operations, validate_operations,
+};
+pub use values::{is_dns_label, is_spiffe_id, parse_duration_ms, show_ms};
+
+/// Reads a whole file; returns its text and the label errors use (the path as given).
+fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
+    let label = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((text, label)),
+        Err(e) => Err(ConfigError::Read {
+            file: label,
+            reason: e.to_string(),
+        }),
+    }
+}

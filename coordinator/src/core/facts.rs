@@ -1,0 +1,176 @@
+//! What probes report, and how a failed probe is classified.
+
+use std::collections::BTreeMap;
+
+use tollgate_protocol::outcome::ReasonCode;
+
+use super::lifecycle::LifecycleEvent;
+use super::outcome::TypedOutcome;
+
+/// A fingerprint is the lowercase hex SHA-256 of a host's non-volatile facts (64 characters;
+/// see `tollgate_protocol::agent::fingerprint`). Anything else counts as missing. That a
+/// report's fingerprint matches its facts is checked by the runtime when the report arrives.
+pub fn is_valid_fingerprint(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A successful probe's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Hex SHA-256 of the non-volatile facts, as reported.
+    pub fingerprint: String,
+    /// When the probe answered (coordinator clock, unix ms).
+    pub probed_at_ms: u64,
+    /// Non-volatile facts.
+    pub facts: BTreeMap<String, String>,
+}
+
+impl HostFacts {
+    /// Whether the fingerprint is present and well formed.
+    pub fn has_valid_fingerprint(&self) -> bool {
+        is_valid_fingerprint(&self.fingerprint)
+    }
+}
+
+/// Why a probe gave no usable answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeFailure {
+    /// The host could not be reached.
+    Unreachable,
+    /// The session broke during the probe.
+    SessionBroken,
+    /// No answer in time.
+    TimedOut,
+    /// An answer that is not facts (bad JSON, missing fingerprint, ...).
+    Malformed {
+        /// What was wrong.
+        detail: String,
+    },
+    /// Authentication was refused (not transient).
+    AuthFailed,
+    /// No common protocol version.
+    VersionMismatch,
+    /// The probe's shell is not available on the host.
+    ShellUnavailable,
+    /// The probe script failed.
+    Failed {
+        /// What the host said.
+        detail: String,
+    },
+}
+
+impl ProbeFailure {
+    /// The reason code it is reported with.
+    pub fn reason(&self) -> ReasonCode {
+        match self {
+            ProbeFailure::Unreachable => ReasonCode::Unreachable,
+            ProbeFailure::SessionBroken => ReasonCode::SessionBroken,
+            ProbeFailure::TimedOut => ReasonCode::ProbeTimeout,
+            ProbeFailure::Malformed { .. } => ReasonCode::MalformedFacts,
+            ProbeFailure::AuthFailed => ReasonCode::AuthFailed,
+            ProbeFailure::VersionMismatch => ReasonCode::VersionMismatch,
+            ProbeFailure::ShellUnavailable => ReasonCode::ShellUnavailable,
+            ProbeFailure::Failed { .. } => ReasonCode::ProbeFailed,
+        }
+    }
+
+    /// The lifecycle event it causes (always one that leads to `Unknown`).
+    pub fn lifecycle_event(&self) -> LifecycleEvent {
+        match self {
+            ProbeFailure::TimedOut => LifecycleEvent::ProbeTimedOut,
+            ProbeFailure::Malformed { .. } => LifecycleEvent::FactsMalformed,
+            _ => LifecycleEvent::ProbeFailed,
+        }
+    }
+
+    /// The typed outcome of a host whose preflight probe failed like this.
+    pub fn outcome(&self) -> TypedOutcome {
+        match self {
+            ProbeFailure::Unreachable | ProbeFailure::SessionBroken => {
+                TypedOutcome::TransportUnreachable {
+                    reason: self.reason(),
+                }
+            }
+            ProbeFailure::VersionMismatch => TypedOutcome::CapabilityMismatch {
+                capability: "protocol-version".to_owned(),
+            },
+            ProbeFailure::ShellUnavailable => TypedOutcome::CapabilityMismatch {
+                capability: "shell".to_owned(),
+            },
+            _ => TypedOutcome::PreflightFailed {
+                reason: self.reason(),
+            },
+        }
+    }
+
+    /// Short text for timelines.
+    pub fn describe(&self) -> String {
+        match self {
+            ProbeFailure::Malformed { detail } | ProbeFailure::Failed { detail } => {
+                format!("{}: {detail}", self.reason())
+            }
+            _ => self.reason().to_string(),
+        }
+    }
+}
+
+/// A probe's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// Facts were reported (the fingerprint may still be missing or malformed).
+    Reported(HostFacts),
+    /// No usable answer.
+    Failed(ProbeFailure),
+}
+
+impl ProbeOutcome {
+    /// The facts if the probe succeeded with a valid fingerprint; `None` means doubt.
+    pub fn usable(&self) -> Option<&HostFacts> {
+        match self {
+            ProbeOutcome::Reported(f) if f.has_valid_fingerprint() => Some(f),
+            _ => None,
+        }
+    }
+
+    /// The failure this answer amounts to, if it is not usable.
+    pub fn failure(&self) -> Option<ProbeFailure> {
+        match self {
+            ProbeOutcome::Reported(f) if f.has_valid_fingerprint() => None,
+            ProbeOutcome::Reported(f) => Some(ProbeFailure::Malformed {
+                detail: format!("fingerprint {:?} is not 64 lowercase hex", f.fingerprint),
+            }),
+            ProbeOutcome::Failed(e) => Some(e.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_must_be_full_lowercase_hex() {
+        assert!(is_valid_fingerprint(&"ab".repeat(32)));
+        assert!(!is_valid_fingerprint(""));
+        assert!(!is_valid_fingerprint(&"AB".repeat(32)));
+        assert!(!is_valid_fingerprint(&"ab".repeat(31)));
+        assert!(!is_valid_fingerprint(&"zz".repeat(32)));
+    }
+
+    #[test]
+    fn a_report_without_a_valid_fingerprint_is_a_malformed_failure() {
+        let facts = HostFacts {
+            fingerprint: String::new(),
+            probed_at_ms: 1,
+            facts: BTreeMap::new(),
+        };
+        let outcome = ProbeOutcome::Reported(facts);
+        assert!(outcome.usable().is_none());
+        assert_eq!(
+            outcome.failure().map(|f| f.reason()),
+            Some(ReasonCode::MalformedFacts)
+        );
+    }
+}

@@ -1,0 +1,37 @@
+//! The pure safety core (SPEC §3): no I/O, no clock reads, no randomness, no actors.
+//!
+//! Time comes in as unix milliseconds, nonces and seeds are passed in, and every function is
+//! plain data in, plain data out, so every rule can be tested exhaustively.
+//!
+//! | module | what it does |
+//! |---|---|
+//! | [`lifecycle`] | host states and the explicit transition table |
+//! | [`facts`] | probe answers, fingerprints, probe failure classification |
+//! | [`policy`] | the rule table and [`policy::evaluate`]; effective mode; policy hash |
+//! | [`plan`] | draft -> sealed plan (phases, barriers, operation hash, idempotency keys) |
+//! | [`token`] | Ed25519 confirmation tokens: issue and verify |
+//! | [`approval`] | collecting one or two distinct approvals |
+//! | [`closed`] | runs that are over: judging late tokens, closing runs left open by a restart |
+//! | [`barrier`] | containment + fresh matching re-probe + policy before a destructive phase |
+//! | [`run`] | [`run::RunMachine`]: one run as a sans-IO state machine |
+//! | [`outcome`] | typed outcomes and their wire form |
+//! | [`timeline`] | timeline events (decision, rule, inputs) |
+//! | [`rules`] | every rule id with its sentence |
+//! | [`commands`] | the exact CLI commands the core tells operators to run |
+//! | [`canon`] | the canonical encoding behind every hash and signature |
+
+pub mod approval;
+pub mod authz;
+pub mod barrier;
+pub mod canon;
+pub mod closed;
+pub mod commands;
+pub mod facts;
+pub mod lifecycle;
+pub mod outcome;
+pub mod plan;
+pub mod policy;
+pub mod rules;
+pub mod run;
+pub mod timeline;
+pub mod token;

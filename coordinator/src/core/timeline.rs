@@ -1,0 +1,208 @@
+//! Timeline events: what the run machine decided and observed, with the rule and the inputs.
+//!
+//! The core builds them; the recorder (runtime) numbers, hash-chains, writes and fsyncs them
+//! before performing the effects that follow them in the same batch.
+
+use std::collections::BTreeMap;
+
+use tollgate_protocol::outcome::ReasonCode;
+
+use super::rules::RuleId;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// The run began.
+    RunStarted,
+    /// Probes were requested (preflight or barrier).
+    ProbeRequested,
+    /// A probe answered.
+    ProbeReported,
+    /// Policy decided (run or host).
+    PolicyEvaluated,
+    /// The plan was fixed and hashed.
+    PlanSealed,
+    /// The run waits for a token.
+    ConfirmationRequested,
+    /// A token was presented and judged.
+    TokenJudged,
+    /// A barrier began (containment checked, re-probes requested).
+    BarrierStarted,
+    /// A barrier decided.
+    BarrierEvaluated,
+    /// A step's check was requested.
+    CheckRequested,
+    /// A check answered.
+    CheckReported,
+    /// A step was sent.
+    StepDispatched,
+    /// A step answered.
+    StepReported,
+    /// A retry was scheduled.
+    RetryScheduled,
+    /// A step was skipped.
+    StepSkipped,
+    /// An idempotency key was queried.
+    OutcomeQueried,
+    /// An idempotency query answered.
+    IdempotencyAnswered,
+    /// A host's lifecycle state changed.
+    HostStateChanged,
+    /// A host gave up (failure or uncertainty).
+    HostFailed,
+    /// A phase ended.
+    PhaseCompleted,
+    /// The run ended.
+    RunFinished,
+}
+
+impl EventKind {
+    /// The name written in journals.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::RunStarted => "run_started",
+            EventKind::ProbeRequested => "probe_requested",
+            EventKind::ProbeReported => "probe_reported",
+            EventKind::PolicyEvaluated => "policy_evaluated",
+            EventKind::PlanSealed => "plan_sealed",
+            EventKind::ConfirmationRequested => "confirmation_requested",
+            EventKind::TokenJudged => "token_judged",
+            EventKind::BarrierStarted => "barrier_started",
+            EventKind::BarrierEvaluated => "barrier_evaluated",
+            EventKind::CheckRequested => "check_requested",
+            EventKind::CheckReported => "check_reported",
+            EventKind::StepDispatched => "step_dispatched",
+            EventKind::StepReported => "step_reported",
+            EventKind::RetryScheduled => "retry_scheduled",
+            EventKind::StepSkipped => "step_skipped",
+            EventKind::OutcomeQueried => "outcome_queried",
+            EventKind::IdempotencyAnswered => "idempotency_answered",
+            EventKind::HostStateChanged => "host_state_changed",
+            EventKind::HostFailed => "host_failed",
+            EventKind::PhaseCompleted => "phase_completed",
+            EventKind::RunFinished => "run_finished",
+        }
+    }
+}
+
+/// The decision an event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Go ahead.
+    Allow,
+    /// Refused.
+    Block,
+    /// Quick mode cannot do it: escalate.
+    Escalate,
+    /// Full mode: wait for a token.
+    AwaitConfirmation,
+    /// Try again after backoff.
+    Retry,
+    /// Not needed (check says done).
+    Skip,
+    /// Ask the host what became of a step.
+    Query,
+    /// The host (or run) failed.
+    Fail,
+    /// Finished successfully.
+    Complete,
+}
+
+impl Verdict {
+    /// The name written in journals.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Block => "block",
+            Verdict::Escalate => "escalate",
+            Verdict::AwaitConfirmation => "await_confirmation",
+            Verdict::Retry => "retry",
+            Verdict::Skip => "skip",
+            Verdict::Query => "query",
+            Verdict::Fail => "fail",
+            Verdict::Complete => "complete",
+        }
+    }
+}
+
+/// One timeline entry (sequence number and hash chain are added by the recorder).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimelineEvent {
+    /// Unix milliseconds (the time passed in with the input that caused it).
+    pub at_ms: u64,
+    /// What happened.
+    pub kind: EventKind,
+    /// The host it is about, if one.
+    pub host: Option<String>,
+    /// The phase, if one.
+    pub phase: Option<String>,
+    /// The step, if one.
+    pub step: Option<String>,
+    /// The decision, if the event is one.
+    pub verdict: Option<Verdict>,
+    /// The rule behind the decision.
+    pub rule: Option<RuleId>,
+    /// The reason code, if any.
+    pub reason: Option<ReasonCode>,
+    /// The inputs the decision was computed from, as text.
+    pub inputs: BTreeMap<String, String>,
+}
+
+impl TimelineEvent {
+    /// A new event of `kind` at `at_ms`.
+    pub fn new(at_ms: u64, kind: EventKind) -> Self {
+        TimelineEvent {
+            at_ms,
+            kind,
+            host: None,
+            phase: None,
+            step: None,
+            verdict: None,
+            rule: None,
+            reason: None,
+            inputs: BTreeMap::new(),
+        }
+    }
+
+    /// About `host`.
+    pub fn host(mut self, host: &str) -> Self {
+        self.host = Some(host.to_owned());
+        self
+    }
+
+    /// About `phase`.
+    pub fn phase(mut self, phase: &str) -> Self {
+        self.phase = Some(phase.to_owned());
+        self
+    }
+
+    /// About `step`.
+    pub fn step(mut self, step: &str) -> Self {
+        self.step = Some(step.to_owned());
+        self
+    }
+
+    /// Records a decision and its rule.
+    pub fn decided(mut self, verdict: Verdict, rule: RuleId) -> Self {
+        self.verdict = Some(verdict);
+        self.rule = Some(rule);
+        self
+    }
+
+    /// With a reason code.
+    pub fn reason(mut self, reason: ReasonCode) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+
+    /// With one input.
+    pub fn input(mut self, key: &str, value: impl ToString) -> Self {
+        self.inputs.insert(key.to_owned(), value.to_string());
+        self
+    }
+
+    /// Whether this event records a decision (it then always names a rule).
+    pub fn is_decision(&self) -> bool {
+        self.verdict.is_some()
+    }
+}

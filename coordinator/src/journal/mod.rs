@@ -1,0 +1,57 @@
+//! The run journal: `runs/RUN_ID/timeline.jsonl`.
+//!
+//! One JSON object per line, in order, each with a sequence number, the time, the event kind,
+//! host/phase/step, the decision with its rule and reason, the inputs that led to it, and a hash
+//! chain: `prev` is the previous line's `hash` (the first line's `prev` is a genesis value bound
+//! to the run id), and `hash` is SHA-256 over the line's own JSON without the `hash` field.
+//! Lines are appended and fsynced before the action they record takes effect.
+//!
+//! [`chain`] is pure (bytes in, verdicts out) and is what `tollgate runs verify` and the fuzz
+//! target call; [`writer`] owns the file.
+
+pub mod chain;
+pub mod summary;
+pub mod writer;
+
+pub use chain::{Line, VerifyReport, genesis, verify};
+pub use writer::{Journal, JournalError};
+
+use std::path::Path;
+
+/// Verifies `dir/timeline.jsonl` against the signed anchor in `dir/summary.json` (when the run
+/// is closed). `public_key` is the coordinator's token/summary key.
+pub fn verify_run_dir(dir: &Path, run_id: uuid::Uuid, public_key: &[u8]) -> VerifyReport {
+    let not_ok = |problem: String| VerifyReport {
+        ok: false,
+        events: 0,
+        first_bad_line: None,
+        problem: Some(problem),
+        last_hash: String::new(),
+    };
+    let bytes = match std::fs::read(dir.join(Journal::FILE)) {
+        Ok(b) => b,
+        Err(e) => return not_ok(format!("{}: {e}", dir.join(Journal::FILE).display())),
+    };
+    let anchor = match std::fs::read(dir.join("summary.json")) {
+        Err(_) => None,
+        Ok(s) => match serde_json::from_slice::<summary::Summary>(&s) {
+            Err(e) => return not_ok(format!("summary.json is unreadable: {e}")),
+            Ok(s) if s.run_id != run_id => {
+                return not_ok("summary.json belongs to another run".into());
+            }
+            Ok(s) => {
+                if !summary::anchor_is_signed(public_key, run_id, &s.timeline) {
+                    return not_ok(
+                        "summary.json's timeline anchor is not signed by this coordinator".into(),
+                    );
+                }
+                Some((s.timeline.events, s.timeline.last_hash))
+            }
+        },
+    };
+    verify(
+        run_id,
+        &bytes,
+        anchor.as_ref().map(|(n, h)| (*n, h.as_str())),
+    )
+}

@@ -1,0 +1,229 @@
+//! What the CLI prints, and the exit status of each typed outcome.
+//!
+//! | exit | meaning |
+//! |---|---|
+//! | 0 | `Completed` (or a query answered) |
+//! | 2 | bad usage or configuration |
+//! | 3 | the coordinator could not be reached, or refused our certificate |
+//! | 4 | the coordinator refused the request (not authorized, unknown run, ...) |
+//! | 5 | `runs verify` found tampering |
+//! | 10 | `EscalationRequired`: run the printed command |
+//! | 11 | `ConfirmationRequired`: an approver must approve the printed plan |
+//! | 12 | an approval was recorded; another approver is needed |
+//! | 20 | `PolicyBlocked` |
+//! | 21 | `PreflightFailed` |
+//! | 22 | `TransportUnreachable` |
+//! | 23 | `CapabilityMismatch` |
+//! | 24 | `ExecutionFailed` |
+//! | 25 | `PartialSuccess` |
+
+use std::fmt::Write;
+
+use tollgate_protocol::ctl::{
+    Approval, HostStatus, ProgressEvent, ProgressKind, RunListEntry, VerifyReport,
+};
+use tollgate_protocol::outcome::{Outcome, OutcomeKind, PlanView, RunReport};
+
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_UNREACHABLE: u8 = 3;
+pub const EXIT_REFUSED: u8 = 4;
+pub const EXIT_TAMPERED: u8 = 5;
+pub const EXIT_APPROVAL_PENDING: u8 = 12;
+
+/// The exit status for an outcome.
+pub fn exit_code(kind: OutcomeKind) -> u8 {
+    match kind {
+        OutcomeKind::Completed => 0,
+        OutcomeKind::EscalationRequired => 10,
+        OutcomeKind::ConfirmationRequired => 11,
+        OutcomeKind::PolicyBlocked => 20,
+        OutcomeKind::PreflightFailed => 21,
+        OutcomeKind::TransportUnreachable => 22,
+        OutcomeKind::CapabilityMismatch => 23,
+        OutcomeKind::ExecutionFailed => 24,
+        OutcomeKind::PartialSuccess => 25,
+    }
+}
+
+pub fn plan(p: &PlanView) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "plan {} for {}", p.operation_hash, p.hosts.join(", "));
+    for st in &p.steps {
+        if st.barrier_before {
+            let _ = writeln!(
+                s,
+                "  ── barrier: containment, re-probe every host, policy, token ──"
+            );
+        }
+        let mark = if st.destructive {
+            "DESTRUCTIVE"
+        } else {
+            "safe"
+        };
+        let _ = writeln!(
+            s,
+            "  {:<12} {:<20} {:<11} on {}",
+            st.phase,
+            st.step_id,
+            mark,
+            st.hosts.join(", ")
+        );
+    }
+    let _ = writeln!(s, "  approvals required: {}", p.approvals_required);
+    s
+}
+
+/// A run report in plain words.
+pub fn report(r: &RunReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "run {}  {} (requested {}, effective {})",
+        r.run_id, r.action, r.requested_mode, r.effective_mode
+    );
+    let rule = r
+        .rule
+        .as_deref()
+        .map(|x| format!("  [{x}]"))
+        .unwrap_or_default();
+    let _ = writeln!(s, "outcome: {} ({}){rule}", r.outcome.kind(), r.reason);
+    if !r.detail.is_empty() {
+        let _ = writeln!(s, "  {}", r.detail);
+    }
+    match &r.outcome {
+        Outcome::EscalationRequired { next_command, .. } => {
+            let _ = writeln!(
+                s,
+                "  quick mode never destroys anything. To continue, run:\n    {next_command}"
+            );
+        }
+        Outcome::ConfirmationRequired {
+            plan: p,
+            operation_hash,
+            run_id,
+        } => {
+            s.push_str(&plan(p));
+            let _ = writeln!(
+                s,
+                "  an approver must run:\n    tollgate approve {run_id} --operation-hash {operation_hash}"
+            );
+        }
+        Outcome::PartialSuccess { succeeded, failed } => {
+            let _ = writeln!(
+                s,
+                "  succeeded: {}  failed: {}",
+                succeeded.join(", "),
+                failed.join(", ")
+            );
+        }
+        Outcome::ExecutionFailed {
+            step_id,
+            exit_code: Some(code),
+            ..
+        } => {
+            let _ = writeln!(s, "  step {step_id} exited with {code}");
+        }
+        _ => {}
+    }
+    if !r.hosts.is_empty() {
+        let _ = writeln!(s, "hosts:");
+        for h in &r.hosts {
+            let _ = writeln!(
+                s,
+                "  {:<12} {:<17} {:<21} {:<24} {}",
+                h.host,
+                h.lifecycle,
+                h.outcome.kind(),
+                h.reason,
+                h.detail
+            );
+        }
+    }
+    let _ = writeln!(s, "artifacts: {}", r.artifacts);
+    s
+}
+
+pub fn approval(a: &Approval) -> String {
+    format!(
+        "approved plan {} of run {}\ntoken (single use, expires at unix ms {}):\n  {}\nnext:\n  {}\n",
+        a.operation_hash, a.run_id, a.expires_ms, a.token, a.next_command
+    )
+}
+
+pub fn status(hosts: &[HostStatus]) -> String {
+    let mut s = format!(
+        "{:<12} {:<10} {:<11} {:<11} {:<16} {:<14} {}\n",
+        "HOST", "ROLE", "CLASS", "TRANSPORT", "LIFECYCLE", "FINGERPRINT", "DETAIL"
+    );
+    for h in hosts {
+        let fp = h
+            .fingerprint
+            .as_deref()
+            .map(|f| &f[..f.len().min(12)])
+            .unwrap_or("-");
+        let _ = writeln!(
+            s,
+            "{:<12} {:<10} {:<11} {:<11} {:<16} {:<14} {}",
+            h.host, h.role, h.safety_class, h.transport, h.lifecycle, fp, h.detail
+        );
+    }
+    s
+}
+
+pub fn runs(list: &[RunListEntry]) -> String {
+    let mut s = format!(
+        "{:<36}  {:<9} {:<6} {:<22} {}\n",
+        "RUN", "ACTION", "MODE", "STATE", "REQUESTOR"
+    );
+    for r in list {
+        let _ = writeln!(
+            s,
+            "{:<36}  {:<9} {:<6} {:<22} {}",
+            r.run_id, r.action, r.effective_mode, r.state, r.requestor
+        );
+    }
+    s
+}
+
+pub fn verify(v: &VerifyReport) -> String {
+    if v.ok {
+        format!(
+            "run {}: timeline intact ({} events, chain and signed summary agree)\n",
+            v.run_id, v.events
+        )
+    } else {
+        format!(
+            "run {}: TAMPERED or damaged at line {}: {}\n",
+            v.run_id,
+            v.first_bad_line
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "?".into()),
+            v.problem.as_deref().unwrap_or("unknown problem")
+        )
+    }
+}
+
+/// One progress event as a short line.
+pub fn progress_line(p: &ProgressEvent) -> String {
+    let host = p.host.as_deref().unwrap_or("-");
+    let step = p.step.as_deref().unwrap_or("");
+    let phase = p.phase.as_deref().unwrap_or("phase");
+    match p.kind {
+        ProgressKind::ProbeStarted => match &p.host {
+            Some(h) => format!("{h}: probing"),
+            None => "probing".to_string(),
+        },
+        ProgressKind::ProbeFinished if p.ok == Some(true) => format!("{host}: probed"),
+        ProgressKind::ProbeFinished => format!("{host}: probe failed ({})", p.message),
+        ProgressKind::PhaseStarted => format!("{phase}: {}", p.message),
+        ProgressKind::BarrierPassed => format!("barrier before {phase}: passed ({})", p.message),
+        ProgressKind::BarrierBlocked => format!("barrier before {phase}: BLOCKED ({})", p.message),
+        ProgressKind::StepStarted if p.message == "running" => format!("{host} {step}: running"),
+        ProgressKind::StepStarted => format!("{host} {step} | {}", p.message),
+        ProgressKind::StepFinished if p.ok == Some(true) => format!("{host} {step}: done"),
+        ProgressKind::StepFinished => format!("{host} {step}: {}", p.message),
+        ProgressKind::StepSkipped => format!("{host} {step}: already in desired state, skipped"),
+        ProgressKind::HostFinished => format!("{host}: stopped ({})", p.message),
+        ProgressKind::RunAccepted => "accepted".to_string(),
+    }
+}

@@ -1,0 +1,587 @@
+//! The `Coordinator` actor: intake of intents, the runs registry, the token authority, and the
+//! fleet's last known state. It asks the safety core for every decision.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use ring::rand::SecureRandom;
+use ring::signature::Ed25519KeyPair;
+use tollgate_protocol::ctl::{
+    Approval, CtlError, CtlErrorCode, HostStatus, OperationIntent, RunListEntry,
+};
+use tollgate_protocol::outcome::{Outcome, OutcomeKind, PlanView, RunReport};
+use tollgate_protocol::{Action, Mode};
+use uuid::Uuid;
+
+use crate::config::{CoordinatorConfig, Inventory, Operations};
+use crate::core::approval::{ApprovalProgress, ApprovalRequest, PendingApproval};
+use crate::core::commands::execute_command;
+use crate::core::lifecycle::HostState;
+use crate::core::plan::Intent;
+use crate::core::run::{RunMachine, RunSettings, RunSpec};
+use crate::core::token::TokenIssuer;
+
+use super::clock::Clock;
+use super::host::HostActor;
+use super::nonces::NonceStore;
+use super::recorder::Recorder;
+use super::run::{
+    ClaimsFor, ConsumeNonce, GetPlan, PresentToken, RunActor, RunDeps, RunMeta, RunNotice,
+    RunUpdate, Watcher,
+};
+
+/// Everything the coordinator is configured with.
+#[derive(Clone)]
+pub struct Setup {
+    pub config: CoordinatorConfig,
+    pub inventory: Inventory,
+    pub operations: Operations,
+    pub clock: Clock,
+    pub issuer: Arc<TokenIssuer>,
+    pub signer: Arc<Ed25519KeyPair>,
+    pub public_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Setup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Setup")
+            .field("state_dir", &self.config.state_dir)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct RunEntry {
+    addr: Option<Addr<RunActor>>,
+    action: Action,
+    requested_mode: Mode,
+    requestor: String,
+    started_ms: u64,
+    last: Option<RunReport>,
+}
+
+impl RunEntry {
+    fn state(&self) -> String {
+        match (&self.addr, &self.last) {
+            (Some(_), Some(r)) if r.outcome.kind() == OutcomeKind::ConfirmationRequired => {
+                "awaiting-token".into()
+            }
+            (Some(_), _) => "running".into(),
+            (None, Some(r)) => r.outcome.kind().to_string(),
+            (None, None) => "closed".into(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct FleetView {
+    lifecycle: Option<HostState>,
+    fingerprint: Option<String>,
+    last_probe_ms: Option<u64>,
+    detail: String,
+}
+
+pub struct Coordinator {
+    setup: Setup,
+    hosts: BTreeMap<String, Addr<HostActor>>,
+    recorder: Addr<Recorder>,
+    nonces: NonceStore,
+    runs: BTreeMap<Uuid, RunEntry>,
+    fleet: BTreeMap<String, FleetView>,
+    approvals: HashMap<Uuid, PendingApproval>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("runs", &self.runs.len())
+            .finish()
+    }
+}
+
+fn ctl_error(code: CtlErrorCode, message: impl Into<String>) -> CtlError {
+    CtlError {
+        code,
+        message: message.into(),
+    }
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // The system RNG does not fail on supported platforms; a zero seed would only weaken jitter,
+    // and a zero nonce is still single-use-checked.
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b
+}
+
+impl Coordinator {
+    pub fn new(
+        setup: Setup,
+        hosts: BTreeMap<String, Addr<HostActor>>,
+        recorder: Addr<Recorder>,
+        nonces: NonceStore,
+    ) -> Self {
+        let fleet = setup
+            .inventory
+            .hosts()
+            .iter()
+            .map(|h| (h.name.clone(), FleetView::default()))
+            .collect();
+        Coordinator {
+            setup,
+            hosts,
+            recorder,
+            nonces,
+            runs: BTreeMap::new(),
+            fleet,
+            approvals: HashMap::new(),
+        }
+    }
+
+    fn runs_dir(&self) -> std::path::PathBuf {
+        self.setup.config.state_dir.join("runs")
+    }
+
+    fn settings(&self) -> RunSettings {
+        RunSettings::from_config(
+            &self.setup.config,
+            self.setup.public_key.clone(),
+            u64::from_le_bytes(random_bytes()),
+        )
+    }
+
+    /// Registers a run closed before this process started (read back from its summary).
+    pub fn adopt_closed(&mut self, report: RunReport, requestor: String, started_ms: u64) {
+        self.runs.insert(
+            report.run_id,
+            RunEntry {
+                addr: None,
+                action: report.action,
+                requested_mode: report.requested_mode,
+                requestor,
+                started_ms,
+                last: Some(report),
+            },
+        );
+    }
+}
+
+impl Actor for Coordinator {
+    type Context = Context<Self>;
+}
+
+/// Adopt runs found on disk at start.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Adopt {
+    pub report: RunReport,
+    pub requestor: String,
+    pub started_ms: u64,
+}
+
+impl Handler<Adopt> for Coordinator {
+    type Result = ();
+    fn handle(&mut self, msg: Adopt, _: &mut Context<Self>) {
+        self.adopt_closed(msg.report, msg.requestor, msg.started_ms);
+    }
+}
+
+/// An operator's intent. Progress and the answer go to `watcher`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), CtlError>")]
+pub struct Submit {
+    pub intent: OperationIntent,
+    pub requestor: String,
+    pub watcher: Watcher,
+}
+
+impl Handler<Submit> for Coordinator {
+    type Result = Result<(), CtlError>;
+
+    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
+        let i = msg.intent;
+        if !i.requestor.is_empty() && i.requestor != msg.requestor {
+            return Err(ctl_error(
+                CtlErrorCode::InvalidRequest,
+                format!(
+                    "the intent names requestor {} but the certificate is {}",
+                    i.requestor, msg.requestor
+                ),
+            ));
+        }
+        if let Some(existing) = self.runs.get(&i.run_id) {
+            // The escalation command re-submits the same run in full mode; nothing else may reuse a run id.
+            let escalated = existing.addr.is_none()
+                && existing
+                    .last
+                    .as_ref()
+                    .is_some_and(|r| r.outcome.kind() == OutcomeKind::EscalationRequired)
+                && existing.action == i.action
+                && i.requested_mode == Mode::Full;
+            if !escalated {
+                return Err(ctl_error(
+                    CtlErrorCode::InvalidRequest,
+                    format!(
+                        "run {} already exists ({}); choose a new run id",
+                        i.run_id,
+                        existing.state()
+                    ),
+                ));
+            }
+        }
+        let spec = RunSpec {
+            intent: Intent {
+                run_id: i.run_id,
+                action: i.action,
+                requested_mode: i.requested_mode,
+                targets: i.target_hosts,
+            },
+            requestor: msg.requestor.clone(),
+            inventory: self.setup.inventory.clone(),
+            operations: self.setup.operations.clone(),
+            settings: self.settings(),
+        };
+        let machine = RunMachine::new(spec)
+            .map_err(|e| ctl_error(CtlErrorCode::InvalidRequest, e.to_string()))?;
+        let deps = RunDeps {
+            hosts: self.hosts.clone(),
+            recorder: self.recorder.clone(),
+            notices: ctx.address().recipient(),
+            nonces: ctx.address().recipient(),
+            clock: self.setup.clock.clone(),
+            signer: self.setup.signer.clone(),
+            runs_dir: self.runs_dir(),
+        };
+        let meta = RunMeta {
+            run_id: i.run_id,
+            action: i.action,
+            requested_mode: i.requested_mode,
+            requestor: msg.requestor.clone(),
+            shadow: i.shadow,
+        };
+        let addr = RunActor::new(meta, machine, deps, msg.watcher).start();
+        self.approvals.remove(&i.run_id);
+        self.runs.insert(
+            i.run_id,
+            RunEntry {
+                addr: Some(addr),
+                action: i.action,
+                requested_mode: i.requested_mode,
+                requestor: msg.requestor,
+                started_ms: self.setup.clock.now_ms(),
+                last: None,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// What an approval produced.
+#[derive(Debug, Clone)]
+pub enum ApproveResult {
+    /// The last required approval: here is the token.
+    Issued(Approval),
+    /// Recorded; more distinct approvers are needed.
+    Pending {
+        approvers: Vec<String>,
+        required: u8,
+    },
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "Result<ApproveResult, CtlError>")]
+pub struct Approve {
+    pub run_id: Uuid,
+    pub operation_hash: String,
+    pub approver: String,
+}
+
+impl Handler<Approve> for Coordinator {
+    type Result = ResponseActFuture<Self, Result<ApproveResult, CtlError>>;
+
+    fn handle(&mut self, msg: Approve, _: &mut Context<Self>) -> Self::Result {
+        let awaiting = self
+            .runs
+            .get(&msg.run_id)
+            .and_then(|e| match (&e.addr, &e.last) {
+                (Some(addr), Some(r)) => match &r.outcome {
+                    Outcome::ConfirmationRequired {
+                        operation_hash,
+                        plan,
+                        ..
+                    } => Some((
+                        addr.clone(),
+                        operation_hash.clone(),
+                        plan.approvals_required,
+                    )),
+                    _ => None,
+                },
+                _ => None,
+            });
+        let Some((addr, plan_hash, required)) = awaiting else {
+            let e = ctl_error(
+                CtlErrorCode::InvalidRequest,
+                format!("run {} is not waiting for approval", msg.run_id),
+            );
+            return Box::pin(actix::fut::ready(Err(e)));
+        };
+        let pending = self.approvals.remove(&msg.run_id).unwrap_or_else(|| {
+            PendingApproval::new(ApprovalRequest {
+                run_id: msg.run_id,
+                operation_hash: plan_hash,
+                required,
+            })
+        });
+        let progress = match pending.approve(
+            &msg.approver,
+            &msg.operation_hash,
+            &self.setup.config.authorization,
+        ) {
+            Ok(p) => p,
+            Err(refused) => {
+                self.approvals.insert(msg.run_id, refused.pending);
+                let e = ctl_error(CtlErrorCode::NotAuthorized, refused.error.to_string());
+                return Box::pin(actix::fut::ready(Err(e)));
+            }
+        };
+        let complete = match progress {
+            ApprovalProgress::Pending { pending, .. } => {
+                let result = ApproveResult::Pending {
+                    approvers: pending.approvers().to_vec(),
+                    required,
+                };
+                self.approvals.insert(msg.run_id, pending);
+                return Box::pin(actix::fut::ready(Ok(result)));
+            }
+            ApprovalProgress::Complete(c) => c,
+        };
+        let now = self.setup.clock.now_ms();
+        let fut = addr.send(ClaimsFor {
+            approvers: complete.approvers,
+            now_ms: now,
+            nonce: random_bytes(),
+        });
+        Box::pin(fut.into_actor(self).map(move |res, act, _| {
+            let claims = res.ok().flatten().ok_or_else(|| {
+                ctl_error(
+                    CtlErrorCode::InvalidRequest,
+                    "the run is no longer waiting for a token",
+                )
+            })?;
+            let token = act
+                .setup
+                .issuer
+                .issue(&claims)
+                .map_err(|e| ctl_error(CtlErrorCode::Internal, e.to_string()))?;
+            Ok(ApproveResult::Issued(Approval {
+                run_id: claims.run_id,
+                operation_hash: claims.operation_hash.clone(),
+                next_command: execute_command(claims.run_id, &token),
+                token,
+                expires_ms: claims.expires_at_ms,
+            }))
+        }))
+    }
+}
+
+/// Present a token to a waiting run.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), CtlError>")]
+pub struct ExecuteRun {
+    pub run_id: Uuid,
+    pub token: String,
+    pub watcher: Watcher,
+}
+
+impl Handler<ExecuteRun> for Coordinator {
+    type Result = Result<(), CtlError>;
+
+    fn handle(&mut self, msg: ExecuteRun, _: &mut Context<Self>) -> Self::Result {
+        let entry = self
+            .runs
+            .get(&msg.run_id)
+            .ok_or_else(|| ctl_error(CtlErrorCode::UnknownRun, format!("no run {}", msg.run_id)))?;
+        match &entry.addr {
+            Some(addr) => {
+                addr.do_send(PresentToken {
+                    token: msg.token,
+                    consumed: self.nonces.consumed().clone(),
+                    watcher: msg.watcher,
+                });
+                Ok(())
+            }
+            None => {
+                // The run is over. A token for it can only be a replay (or garbage): say which,
+                // by the same verification every token goes through.
+                let last = entry.last.clone();
+                let (reason, rule, detail) = crate::core::closed::judge(
+                    &msg.token,
+                    msg.run_id,
+                    self.setup.clock.now_ms(),
+                    &self.setup.public_key,
+                    self.nonces.consumed(),
+                    &self.setup.config.authorization,
+                );
+                match last {
+                    Some(mut report) => {
+                        report.outcome = Outcome::PolicyBlocked {
+                            reason,
+                            rule: rule.to_string(),
+                        };
+                        report.reason = reason;
+                        report.rule = Some(rule.to_string());
+                        report.detail = detail;
+                        report.hosts.clear();
+                        let _ = msg.watcher.send(RunUpdate::Answer(report));
+                        Ok(())
+                    }
+                    None => Err(ctl_error(
+                        CtlErrorCode::InvalidRequest,
+                        format!("run {} is finished", msg.run_id),
+                    )),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "Result<PlanView, CtlError>")]
+pub struct PlanShow {
+    pub run_id: Uuid,
+}
+
+impl Handler<PlanShow> for Coordinator {
+    type Result = ResponseActFuture<Self, Result<PlanView, CtlError>>;
+
+    fn handle(&mut self, msg: PlanShow, _: &mut Context<Self>) -> Self::Result {
+        let addr = self.runs.get(&msg.run_id).and_then(|e| e.addr.clone());
+        let Some(addr) = addr else {
+            let e = ctl_error(
+                CtlErrorCode::UnknownRun,
+                format!("run {} has no live plan", msg.run_id),
+            );
+            return Box::pin(actix::fut::ready(Err(e)));
+        };
+        let run_id = msg.run_id;
+        Box::pin(addr.send(GetPlan).into_actor(self).map(move |res, _, _| {
+            res.ok().flatten().ok_or_else(|| {
+                ctl_error(
+                    CtlErrorCode::UnknownRun,
+                    format!("run {run_id} has no sealed plan yet"),
+                )
+            })
+        }))
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<HostStatus>")]
+pub struct Status;
+
+impl Handler<Status> for Coordinator {
+    type Result = MessageResult<Status>;
+
+    fn handle(&mut self, _: Status, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(
+            self.setup
+                .inventory
+                .hosts()
+                .iter()
+                .map(|h| {
+                    let v = self.fleet.get(&h.name).cloned().unwrap_or_default();
+                    HostStatus {
+                        host: h.name.clone(),
+                        role: h.role.clone(),
+                        safety_class: h.safety_class.as_str().to_string(),
+                        transport: h.transport.kind().to_string(),
+                        lifecycle: v
+                            .lifecycle
+                            .map(|s| format!("{s:?}"))
+                            .unwrap_or_else(|| "Unknown".into()),
+                        fingerprint: v.fingerprint,
+                        last_probe_ms: v.last_probe_ms,
+                        detail: v.detail,
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<RunListEntry>")]
+pub struct RunsList;
+
+impl Handler<RunsList> for Coordinator {
+    type Result = MessageResult<RunsList>;
+
+    fn handle(&mut self, _: RunsList, _: &mut Context<Self>) -> Self::Result {
+        let mut runs: Vec<RunListEntry> = self
+            .runs
+            .iter()
+            .map(|(id, e)| RunListEntry {
+                run_id: *id,
+                action: e.action,
+                effective_mode: e
+                    .last
+                    .as_ref()
+                    .map(|r| r.effective_mode)
+                    .unwrap_or(e.requested_mode),
+                requestor: e.requestor.clone(),
+                state: e.state(),
+                started_ms: e.started_ms,
+            })
+            .collect();
+        runs.sort_by_key(|r| r.started_ms);
+        MessageResult(runs)
+    }
+}
+
+impl Handler<RunNotice> for Coordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: RunNotice, _: &mut Context<Self>) {
+        match msg {
+            RunNotice::HostProbed {
+                host,
+                fingerprint,
+                at_ms,
+                detail,
+            } => {
+                let v = self.fleet.entry(host).or_default();
+                v.last_probe_ms = Some(at_ms);
+                v.fingerprint = fingerprint;
+                v.detail = detail;
+            }
+            RunNotice::HostStates { states } => {
+                for (h, s) in states {
+                    self.fleet.entry(h).or_default().lifecycle = Some(s);
+                }
+            }
+            RunNotice::Awaiting { run_id, report } => {
+                if let Some(e) = self.runs.get_mut(&run_id) {
+                    e.last = Some(report);
+                }
+            }
+            RunNotice::Closed { run_id, report } => {
+                if let Some(e) = self.runs.get_mut(&run_id) {
+                    e.addr = None;
+                    e.last = Some(report);
+                }
+                self.approvals.remove(&run_id);
+            }
+        }
+    }
+}
+
+impl Handler<ConsumeNonce> for Coordinator {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, msg: ConsumeNonce, _: &mut Context<Self>) -> Self::Result {
+        self.nonces
+            .consume(&msg.nonce)
+            .map_err(|e| format!("{}: {e}", self.nonces.path().display()))
+    }
+}

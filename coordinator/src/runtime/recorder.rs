@@ -1,0 +1,112 @@
+//! The `Recorder` actor: the single writer of every run's journal and summary.
+//!
+//! It lives on its own arbiter (thread), so an fsync never stalls the actors that decide.
+//! A message is answered only once its lines are durable; the `Run` actor waits for that answer
+//! before it performs the actions the lines record.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use actix::prelude::*;
+use uuid::Uuid;
+
+use crate::core::timeline::TimelineEvent;
+use crate::journal::{Journal, JournalError, Line};
+use tollgate_certs::files::{Overwrite, Visibility, write_atomic};
+
+#[derive(Debug)]
+pub struct Recorder {
+    runs_dir: PathBuf,
+    open: HashMap<Uuid, Journal>,
+}
+
+impl Recorder {
+    pub fn new(runs_dir: PathBuf) -> Self {
+        Recorder {
+            runs_dir,
+            open: HashMap::new(),
+        }
+    }
+
+    fn journal(&mut self, run_id: Uuid) -> Result<&mut Journal, JournalError> {
+        if !self.open.contains_key(&run_id) {
+            let dir = self.runs_dir.join(run_id.to_string());
+            let j = if dir.join(Journal::FILE).exists() {
+                Journal::recover(&dir, run_id)?.0
+            } else {
+                Journal::create(&dir, run_id)?
+            };
+            self.open.insert(run_id, j);
+        }
+        self.open
+            .get_mut(&run_id)
+            .ok_or_else(|| JournalError::Corrupt {
+                path: PathBuf::from(run_id.to_string()),
+                line: 0,
+                problem: "journal vanished".into(),
+            })
+    }
+}
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+/// What an append wrote.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub lines: Vec<Line>,
+    /// Event count and last hash after the append.
+    pub events: u64,
+    pub last_hash: String,
+}
+
+/// Append events to a run's timeline; answered once they are fsynced.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Appended, JournalError>")]
+pub struct Append {
+    pub run_id: Uuid,
+    pub events: Vec<TimelineEvent>,
+}
+
+impl Handler<Append> for Recorder {
+    type Result = Result<Appended, JournalError>;
+
+    fn handle(&mut self, msg: Append, _: &mut Context<Self>) -> Self::Result {
+        let j = self.journal(msg.run_id)?;
+        let lines = j.append(&msg.events)?;
+        let (events, h) = j.head();
+        Ok(Appended {
+            lines,
+            events,
+            last_hash: h.to_string(),
+        })
+    }
+}
+
+/// Write `summary.json` atomically and close the run's journal.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<PathBuf, JournalError>")]
+pub struct WriteSummary {
+    pub run_id: Uuid,
+    pub json: Vec<u8>,
+}
+
+impl Handler<WriteSummary> for Recorder {
+    type Result = Result<PathBuf, JournalError>;
+
+    fn handle(&mut self, msg: WriteSummary, _: &mut Context<Self>) -> Self::Result {
+        let path = self
+            .runs_dir
+            .join(msg.run_id.to_string())
+            .join("summary.json");
+        write_atomic(&path, &msg.json, Visibility::Public, Overwrite::Replace).map_err(|e| {
+            JournalError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+        self.open.remove(&msg.run_id);
+        Ok(path)
+    }
+}

@@ -1,0 +1,286 @@
+//! `tollgate serve`: loads the configuration, starts the actors, closes runs a previous process
+//! left open, and serves the control port.
+
+pub mod ctl;
+pub mod recovery;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use tollgate_certs::files::{Overwrite, Visibility, write_atomic};
+use tollgate_certs::quic::{self, QuicTimeouts};
+use tollgate_certs::{
+    Expectation, RejectionLog, Role as CertRole, SpiffeId, TlsIdentity, TrustStore,
+};
+use tollgate_protocol::CTL_ALPN;
+
+use crate::config::{self, CoordinatorConfig, Inventory, Operations, Transport};
+use crate::core::token::TokenIssuer;
+use crate::runtime::clock::Clock;
+use crate::runtime::coordinator::{Coordinator, Setup};
+use crate::runtime::host::{HostActor, Reach};
+use crate::runtime::nonces::NonceStore;
+use crate::runtime::recorder::Recorder;
+use crate::transport::agent::AgentConnector;
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Certs(#[from] tollgate_certs::CertError),
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        file: String,
+        key: String,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+}
+
+/// Everything `serve` needs, loaded and validated.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: CoordinatorConfig,
+    pub config_file: String,
+    pub inventory: Inventory,
+    pub operations: Operations,
+    pub identity: Arc<TlsIdentity>,
+    pub trust: TrustStore,
+    pub signing_pkcs8: Vec<u8>,
+}
+
+/// Reads the token signing key, creating it (0600) the first time.
+fn signing_key(path: &Path) -> Result<Vec<u8>, ServiceError> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            Ed25519KeyPair::from_pkcs8(&bytes).map_err(|e| ServiceError::Io {
+                path: path.to_path_buf(),
+                reason: format!("not an Ed25519 PKCS#8 key: {e}"),
+            })?;
+            Ok(bytes)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let rng = ring::rand::SystemRandom::new();
+            let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| ServiceError::Io {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| ServiceError::Io {
+                    path: dir.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+            }
+            write_atomic(path, doc.as_ref(), Visibility::Private, Overwrite::Refuse)?;
+            tracing::info!(path = %path.display(), "created the token signing key");
+            Ok(doc.as_ref().to_vec())
+        }
+        Err(e) => Err(ServiceError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Loads `coordinator.toml` and everything it points at.
+pub fn load(config_path: &Path) -> Result<Loaded, ServiceError> {
+    let config = config::load_coordinator(config_path)?;
+    let file = config_path.display().to_string();
+    let inventory = config::load_inventory(&config.inventory)?;
+    let operations = config::load_operations(&config.operations)?;
+    config::validate_operations(&operations, &inventory)?;
+    let crl = config
+        .tls
+        .crl
+        .clone()
+        .ok_or_else(|| ServiceError::Invalid {
+            file: file.clone(),
+            key: "tls.crl".into(),
+            reason: "required: the coordinator refuses to run without checking revocation".into(),
+        })?;
+    let identity = TlsIdentity::load(&config.tls.cert, &config.tls.key)?;
+    if identity.id.role() != CertRole::Coordinator {
+        return Err(ServiceError::Invalid {
+            file: file.clone(),
+            key: "tls.cert".into(),
+            reason: format!("{} is not a coordinator certificate", identity.id),
+        });
+    }
+    let trust = TrustStore::load(&config.tls.ca, &crl)?;
+    let signing_pkcs8 = signing_key(&config.tokens.signing_key)?;
+    Ok(Loaded {
+        config,
+        config_file: file,
+        inventory,
+        operations,
+        identity: Arc::new(identity),
+        trust,
+        signing_pkcs8,
+    })
+}
+
+/// How each inventory host is reached.
+fn reach_of(loaded: &Loaded) -> Result<BTreeMap<String, Reach>, ServiceError> {
+    let mut out = BTreeMap::new();
+    for (i, h) in loaded.inventory.hosts().iter().enumerate() {
+        let reach = match &h.transport {
+            Transport::Agent(a) => {
+                let bad = |key: &str, reason: String| ServiceError::Invalid {
+                    file: loaded.inventory.source().to_string(),
+                    key: format!("hosts[{i}].transport.agent.{key}"),
+                    reason,
+                };
+                let addr = a
+                    .address
+                    .to_socket_addrs()
+                    .map_err(|e| bad("address", format!("{:?} does not resolve: {e}", a.address)))?
+                    .next()
+                    .ok_or_else(|| {
+                        bad("address", format!("{:?} resolves to nothing", a.address))
+                    })?;
+                let id: SpiffeId = a
+                    .identity
+                    .parse()
+                    .map_err(|e| bad("identity", format!("{e}")))?;
+                if id.fleet() != loaded.identity.id.fleet() {
+                    return Err(bad(
+                        "identity",
+                        format!(
+                            "{id} is not in this coordinator's fleet {}",
+                            loaded.identity.id.fleet()
+                        ),
+                    ));
+                }
+                Reach::Agent { addr, id }
+            }
+            other => Reach::Unsupported {
+                reason: format!(
+                    "the {} transport is not available in this build",
+                    other.kind()
+                ),
+            },
+        };
+        out.insert(h.name.clone(), reach);
+    }
+    Ok(out)
+}
+
+/// A running service.
+#[derive(Debug)]
+pub struct Running {
+    pub ctl_addr: SocketAddr,
+    pub coordinator: Addr<Coordinator>,
+    pub endpoint: quinn::Endpoint,
+    pub public_key: Vec<u8>,
+    pub runs_dir: PathBuf,
+}
+
+/// Starts everything. Must be called inside an actix `System`.
+pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError> {
+    let state_dir = loaded.config.state_dir.clone();
+    let runs_dir = state_dir.join("runs");
+    std::fs::create_dir_all(&runs_dir).map_err(|e| ServiceError::Io {
+        path: runs_dir.clone(),
+        reason: e.to_string(),
+    })?;
+    let issuer = TokenIssuer::from_pkcs8(&loaded.signing_pkcs8).map_err(|e| ServiceError::Io {
+        path: loaded.config.tokens.signing_key.clone(),
+        reason: e.to_string(),
+    })?;
+    let signer =
+        Ed25519KeyPair::from_pkcs8(&loaded.signing_pkcs8).map_err(|e| ServiceError::Io {
+            path: loaded.config.tokens.signing_key.clone(),
+            reason: e.to_string(),
+        })?;
+    let public_key = signer.public_key().as_ref().to_vec();
+    let nonces = NonceStore::open(&state_dir).map_err(|e| ServiceError::Io {
+        path: state_dir.clone(),
+        reason: e.to_string(),
+    })?;
+
+    // The journal writer gets a thread of its own: an fsync never stalls a decision.
+    let recorder_arbiter = Arbiter::new();
+    let rd = runs_dir.clone();
+    let recorder =
+        Recorder::start_in_arbiter(&recorder_arbiter.handle(), move |_| Recorder::new(rd));
+
+    let connector = AgentConnector::new(
+        loaded.identity.clone(),
+        loaded.trust.clone(),
+        "0.0.0.0:0".parse().map_err(|_| ServiceError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            reason: "bad bind address".into(),
+        })?,
+    )
+    .map_err(|e| ServiceError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        reason: e.to_string(),
+    })?;
+    let mut hosts = BTreeMap::new();
+    for (name, reach) in reach_of(&loaded)? {
+        let actor = HostActor::new(name.clone(), reach, connector.clone(), clock.clone()).start();
+        hosts.insert(name, actor);
+    }
+
+    let setup = Setup {
+        config: loaded.config.clone(),
+        inventory: loaded.inventory.clone(),
+        operations: loaded.operations.clone(),
+        clock: clock.clone(),
+        issuer: Arc::new(issuer),
+        signer: Arc::new(signer),
+        public_key: public_key.clone(),
+    };
+    let mut coordinator_state =
+        Coordinator::new(setup.clone(), hosts.clone(), recorder.clone(), nonces);
+    recovery::adopt_closed_runs(&runs_dir, &mut coordinator_state);
+    let coordinator = coordinator_state.start();
+    recovery::close_open_runs(&runs_dir, &hosts, &recorder, &coordinator, &setup).await;
+
+    let server_cfg = quic::server_config(
+        &loaded.identity,
+        &loaded.trust,
+        Expectation::AnyOf {
+            fleet: loaded.identity.id.fleet().to_string(),
+            role: CertRole::Operator,
+        },
+        CTL_ALPN,
+        RejectionLog::new(),
+        QuicTimeouts {
+            idle: std::time::Duration::from_secs(60),
+            keep_alive: std::time::Duration::from_secs(5),
+        },
+    )?;
+    let listen = loaded.config.listen;
+    let endpoint = quinn::Endpoint::server(server_cfg, listen).map_err(|e| ServiceError::Bind {
+        addr: listen,
+        reason: e.to_string(),
+    })?;
+    let ctl_addr = endpoint.local_addr().map_err(|e| ServiceError::Bind {
+        addr: listen,
+        reason: e.to_string(),
+    })?;
+    let ctx = Arc::new(ctl::CtlContext {
+        coordinator: coordinator.clone(),
+        authorization: loaded.config.authorization.clone(),
+        runs_dir: runs_dir.clone(),
+        public_key: public_key.clone(),
+    });
+    actix::spawn(ctl::serve(endpoint.clone(), ctx));
+    Ok(Running {
+        ctl_addr,
+        coordinator,
+        endpoint,
+        public_key,
+        runs_dir,
+    })
+}
