@@ -141,10 +141,7 @@ impl Client {
             cfg.coordinator_id.clone(),
             CTL_ALPN,
             RejectionLog::new(),
-            QuicTimeouts {
-                idle: Duration::from_secs(60),
-                keep_alive: Duration::from_secs(5),
-            },
+            QuicTimeouts::default(),
         )?;
         let bind: SocketAddr = if cfg.coordinator.is_ipv6() {
             "[::]:0"

@@ -4,4 +4,5 @@
 
 pub mod bins;
 pub mod fleet;
+pub mod lab;
 pub mod proc;

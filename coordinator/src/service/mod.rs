@@ -255,10 +255,7 @@ pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError
         },
         CTL_ALPN,
         RejectionLog::new(),
-        QuicTimeouts {
-            idle: std::time::Duration::from_secs(60),
-            keep_alive: std::time::Duration::from_secs(5),
-        },
+        QuicTimeouts::default(),
     )?;
     let listen = loaded.config.listen;
     let endpoint = quinn::Endpoint::server(server_cfg, listen).map_err(|e| ServiceError::Bind {

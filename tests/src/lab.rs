@@ -1,0 +1,353 @@
+//! A lab fleet: real `tollgate-agent` processes, a real `tollgate serve` process, and the
+//! `tollgate` CLI run as an operator would run it (with `TOLLGATE_CLIENT` and `--json`).
+//!
+//! Every step of the lab's operations appends a line to `<host home>/markers/<step>`, so a
+//! test can count exactly how many times each step ran on each host.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tollgate_certs::Role;
+use tollgate_coordinator::lab::{self, LabHost};
+
+use crate::fleet::{AgentOptions, AgentProcess, FLEET, START_LIMIT, TestPki};
+
+/// The lab's operations. `H` is the host's home; `slow` makes a step wait (and say so) so a
+/// test can act while it runs.
+pub fn operations() -> String {
+    let h = r#"H=\"$TOLLGATE_AGENT_STATE/..\"; mkdir -p \"$H/markers\""#;
+    let slow = |name: &str| {
+        format!(
+            r#"if [ -f \"$H/slow-{name}\" ]; then echo started > \"$H/started-{name}\"; sleep 60; fi"#
+        )
+    };
+    format!(
+        r#"[[deploy.phases]]
+name = "prepare"
+[[deploy.phases.steps]]
+id = "prepare"
+roles = ["web", "db"]
+shell = "sh"
+run = "{h}; {slow_prepare}; echo x >> \"$H/markers/prepare\""
+destructive = false
+timeout = "90s"
+
+[[deploy.phases]]
+name = "install"
+[[deploy.phases.steps]]
+id = "install"
+roles = ["web", "db"]
+shell = "sh"
+run = "{h}; echo x >> \"$H/markers/install\""
+destructive = false
+timeout = "90s"
+
+[[teardown.phases]]
+name = "drain"
+[[teardown.phases.steps]]
+id = "drain"
+roles = ["web", "db"]
+shell = "sh"
+run = "{h}; {slow_drain}; echo x >> \"$H/markers/drain\""
+destructive = false
+timeout = "90s"
+
+[[teardown.phases]]
+name = "remove"
+[[teardown.phases.steps]]
+id = "remove"
+roles = ["web", "db"]
+shell = "sh"
+run = "{h}; {slow_remove}; echo x >> \"$H/markers/remove\""
+destructive = true
+timeout = "90s"
+
+[probes.web]
+shell = "sh"
+run = "cat \"$TOLLGATE_AGENT_STATE/../facts.json\""
+
+[probes.db]
+shell = "sh"
+run = "cat \"$TOLLGATE_AGENT_STATE/../facts.json\""
+"#,
+        slow_prepare = slow("prepare"),
+        slow_drain = slow("drain"),
+        slow_remove = slow("remove"),
+    )
+}
+
+/// A running `tollgate serve`.
+#[derive(Debug)]
+pub struct ServeProcess {
+    pub addr: std::net::SocketAddr,
+    child: Child,
+}
+
+impl ServeProcess {
+    pub async fn start(config: &Path, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let bin = crate::bins::path("tollgate")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(config.with_extension("log"))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().context("serve stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(START_LIMIT, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix("tollgate serve listening on ") {
+                    return Ok(rest.split_whitespace().next().context("address")?.parse()?);
+                }
+            }
+            anyhow::bail!(
+                "tollgate serve exited; see {}",
+                config.with_extension("log").display()
+            )
+        })
+        .await
+        .context("tollgate serve did not start in time")??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(ServeProcess { addr, child })
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
+
+/// What one CLI invocation did.
+#[derive(Debug)]
+pub struct CliOut {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOut {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The outcome kind of a run answer (`"Completed"`, `"PolicyBlocked"`, ...).
+    pub fn outcome(&self) -> String {
+        match &self.json()["outcome"] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+
+    pub fn reason(&self) -> String {
+        self.json()["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// A fleet of agents with a coordinator.
+#[derive(Debug)]
+pub struct Lab {
+    pub pki: TestPki,
+    pub agents: BTreeMap<String, AgentProcess>,
+    pub serve: Option<ServeProcess>,
+    pub config: PathBuf,
+    pub serve_env: Vec<(&'static str, String)>,
+}
+
+/// `(name, role, safety_class)` of the default lab: two web hosts and a protected db host.
+pub const DEFAULT_HOSTS: &[(&str, &str, &str)] = &[
+    ("web1", "web", "standard"),
+    ("web2", "web", "standard"),
+    ("db1", "db", "protected"),
+];
+
+impl Lab {
+    pub async fn start(hosts: &[(&str, &str, &str)]) -> anyhow::Result<Lab> {
+        Self::start_with(hosts, &operations(), "", Vec::new()).await
+    }
+
+    pub async fn start_with(
+        hosts: &[(&str, &str, &str)],
+        operations: &str,
+        coordinator_extra: &str,
+        serve_env: Vec<(&'static str, String)>,
+    ) -> anyhow::Result<Lab> {
+        let pki = TestPki::new()?;
+        let mut agents = BTreeMap::new();
+        let mut lab_hosts = Vec::new();
+        for (i, (name, role, class)) in hosts.iter().enumerate() {
+            let octet = u8::try_from(10 + i)?;
+            let agent = AgentProcess::start(&pki, &AgentOptions::new(name, octet)).await?;
+            let home = agent
+                .state_dir
+                .parent()
+                .context("agent home")?
+                .to_path_buf();
+            std::fs::write(home.join("facts.json"), r#"{"app_version":"1.0"}"#)?;
+            lab_hosts.push(LabHost {
+                name: name.to_string(),
+                role: role.to_string(),
+                safety_class: class.to_string(),
+                addr: agent.addr,
+            });
+            agents.insert(name.to_string(), agent);
+        }
+        for op in ["alice", "bob", "carol", "dave"] {
+            pki.identity(Role::Operator, Some(op))?;
+        }
+        let root = pki.root().to_path_buf();
+        let (inventory, ops, config) = (
+            root.join("inventory.toml"),
+            root.join("operations.toml"),
+            root.join("coordinator.toml"),
+        );
+        std::fs::write(&inventory, lab::inventory_toml(FLEET, &lab_hosts))?;
+        std::fs::write(&ops, operations)?;
+        std::fs::write(
+            &config,
+            lab::coordinator_toml(
+                &pki.pki,
+                "127.0.0.1:0".parse()?,
+                &root.join("state"),
+                &inventory,
+                &ops,
+                // alice operates and approves, bob approves, carol only views, dave has nothing.
+                &[
+                    ("alice", &["operator", "approver"]),
+                    ("bob", &["approver"]),
+                    ("carol", &["viewer"]),
+                ],
+                coordinator_extra,
+            )?,
+        )?;
+        let mut lab = Lab {
+            pki,
+            agents,
+            serve: None,
+            config,
+            serve_env,
+        };
+        lab.start_serve().await?;
+        Ok(lab)
+    }
+
+    /// Starts (or restarts) `tollgate serve` on the lab's config and rewrites the clients.
+    pub async fn start_serve(&mut self) -> anyhow::Result<()> {
+        let serve = ServeProcess::start(&self.config, &self.serve_env).await?;
+        for op in ["alice", "bob", "carol", "dave"] {
+            std::fs::write(
+                self.client_file(op),
+                lab::client_toml(&self.pki.pki, op, serve.addr)?,
+            )?;
+        }
+        self.serve = Some(serve);
+        Ok(())
+    }
+
+    pub fn client_file(&self, who: &str) -> PathBuf {
+        self.pki.root().join(format!("client-{who}.toml"))
+    }
+
+    pub fn runs_dir(&self) -> PathBuf {
+        self.pki.root().join("state").join("runs")
+    }
+
+    /// The home directory of a host (its facts, markers and slow switches).
+    pub fn home(&self, host: &str) -> PathBuf {
+        self.agents
+            .get(host)
+            .and_then(|a| a.state_dir.parent().map(Path::to_path_buf))
+            .unwrap_or_default()
+    }
+
+    /// How many times `step` ran on `host`.
+    pub fn ran(&self, host: &str, step: &str) -> usize {
+        std::fs::read_to_string(self.home(host).join("markers").join(step))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// Total runs of `step` across the fleet.
+    pub fn ran_anywhere(&self, step: &str) -> usize {
+        self.agents.keys().map(|h| self.ran(h, step)).sum()
+    }
+
+    pub fn set_fact(&self, host: &str, json: &str) -> anyhow::Result<()> {
+        Ok(std::fs::write(self.home(host).join("facts.json"), json)?)
+    }
+
+    /// Runs `tollgate ARGS --json` as `who`.
+    pub async fn cli(&self, who: &str, args: &[&str]) -> anyhow::Result<CliOut> {
+        let bin = crate::bins::path("tollgate")?;
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            Command::new(bin)
+                .args(args)
+                .arg("--json")
+                .env("TOLLGATE_CLIENT", self.client_file(who))
+                .output(),
+        )
+        .await
+        .context("tollgate CLI did not finish in 120 s")??;
+        Ok(CliOut {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Full teardown of `hosts` up to a token: submit, approve (by alice, and bob if two are
+    /// needed). Returns (run id, token, operation hash).
+    pub async fn approved_teardown(&self, hosts: &str) -> anyhow::Result<(String, String, String)> {
+        let run = uuid::Uuid::new_v4().to_string();
+        let out = self
+            .cli(
+                "alice",
+                &[
+                    "teardown", "--mode", "full", "--hosts", hosts, "--run", &run,
+                ],
+            )
+            .await?;
+        anyhow::ensure!(
+            out.outcome() == "ConfirmationRequired",
+            "expected ConfirmationRequired: {out:?}"
+        );
+        let hash = out.json()["outcome"]["ConfirmationRequired"]["operation_hash"]
+            .as_str()
+            .context("hash")?
+            .to_string();
+        let mut token = None;
+        for who in ["alice", "bob"] {
+            let a = self
+                .cli(who, &["approve", &run, "--operation-hash", &hash])
+                .await?;
+            if let Some(t) = a.json()["token"].as_str() {
+                token = Some(t.to_string());
+                break;
+            }
+            anyhow::ensure!(
+                a.code == 12,
+                "approval by {who} neither issued nor recorded: {a:?}"
+            );
+        }
+        Ok((run, token.context("no token issued")?, hash))
+    }
+}
