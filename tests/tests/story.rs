@@ -64,6 +64,11 @@ async fn quick_deploy_then_escalation_command_reaches_confirmation() {
             .any(|s| s["destructive"] == true && s["barrier_before"] == true)
     );
     assert_eq!(lab.ran_anywhere("remove"), 0);
+    assert_eq!(
+        lab.validate_summaries().unwrap(),
+        2,
+        "deploy and the escalated run's first part"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,6 +362,10 @@ async fn coordinator_sigkill_mid_run_closes_typed_and_journals_verify() {
     assert_eq!(v.code, 5, "{v:?}");
     assert_eq!(v.json()["ok"], false);
     assert_eq!(v.json()["first_bad_line"], 3, "{v:?}");
+    assert!(
+        lab.validate_summaries().unwrap() >= 2,
+        "summaries written at restart match the schema too"
+    );
     // The CLI that was following the run saw its coordinator die: exit 3, not a hang.
     let cli = tokio::time::timeout(Duration::from_secs(60), exec)
         .await
