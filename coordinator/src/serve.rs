@@ -31,17 +31,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// Test hook: `TOLLGATE_CLOCK_OFFSET_MS` moves the coordinator's clock (expiry tests).
-fn clock() -> Clock {
-    match std::env::var("TOLLGATE_CLOCK_OFFSET_MS")
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
-    {
-        Some(ms) => Clock::offset(ms),
-        None => Clock::system(),
-    }
-}
-
 pub fn run(config: &Path) -> anyhow::Result<()> {
     let loaded = service::load(config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -50,7 +39,7 @@ pub fn run(config: &Path) -> anyhow::Result<()> {
         .build()?;
     let system = actix::System::with_tokio_rt(move || rt);
     system.block_on(async move {
-        let running = service::start(loaded, clock()).await?;
+        let running = service::start(loaded, Clock::from_env()).await?;
         println!(
             "tollgate serve listening on {} (runs in {})",
             running.ctl_addr,
