@@ -314,6 +314,30 @@ impl Lab {
         })
     }
 
+    /// Starts `tollgate ARGS --json` as `who` in the background (for acting while it runs).
+    pub fn spawn_cli(
+        &self,
+        who: &str,
+        args: &[&str],
+    ) -> tokio::task::JoinHandle<anyhow::Result<CliOut>> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let client = self.client_file(who);
+        tokio::spawn(async move {
+            let bin = crate::bins::path("tollgate")?;
+            let out = Command::new(bin)
+                .args(&args)
+                .arg("--json")
+                .env("TOLLGATE_CLIENT", client)
+                .output()
+                .await?;
+            Ok(CliOut {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            })
+        })
+    }
+
     /// Full teardown of `hosts` up to a token: submit, approve (by alice, and bob if two are
     /// needed). Returns (run id, token, operation hash).
     pub async fn approved_teardown(&self, hosts: &str) -> anyhow::Result<(String, String, String)> {

@@ -206,20 +206,7 @@ async fn agent_killed_mid_phase_stops_the_next_destructive_phase_everywhere() {
     let (run, token, _) = lab.approved_teardown("web1,web2").await.unwrap();
     std::fs::write(lab.home("web2").join("slow-drain"), "").unwrap();
     let started = lab.home("web2").join("started-drain");
-    let exec = {
-        let args = ["execute", run.as_str(), "--token", token.as_str()].map(str::to_string);
-        let client = lab.client_file("alice");
-        tokio::spawn(async move {
-            let bin = tollgate_tests::bins::path("tollgate").unwrap();
-            tokio::process::Command::new(bin)
-                .args(&args)
-                .arg("--json")
-                .env("TOLLGATE_CLIENT", client)
-                .output()
-                .await
-                .unwrap()
-        })
-    };
+    let exec = lab.spawn_cli("alice", &["execute", &run, "--token", &token]);
     assert!(
         eventually(WAIT, || started.exists()).await,
         "web2's drain never started"
@@ -228,12 +215,10 @@ async fn agent_killed_mid_phase_stops_the_next_destructive_phase_everywhere() {
     let out = tokio::time::timeout(Duration::from_secs(90), exec)
         .await
         .unwrap()
+        .unwrap()
         .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let outcome = json["outcome"]
-        .as_object()
-        .map(|o| o.keys().next().unwrap().clone())
-        .unwrap_or_else(|| json["outcome"].as_str().unwrap_or_default().to_string());
+    let json = out.json();
+    let outcome = out.outcome();
     assert!(
         [
             "PartialSuccess",
@@ -270,20 +255,7 @@ async fn coordinator_sigkill_mid_run_closes_typed_and_journals_verify() {
     let (run, token, _) = lab.approved_teardown("web1,web2").await.unwrap();
     std::fs::write(lab.home("web1").join("slow-drain"), "").unwrap();
     let started = lab.home("web1").join("started-drain");
-    let exec = {
-        let args = ["execute", run.as_str(), "--token", token.as_str()].map(str::to_string);
-        let client = lab.client_file("alice");
-        tokio::spawn(async move {
-            let bin = tollgate_tests::bins::path("tollgate").unwrap();
-            tokio::process::Command::new(bin)
-                .args(&args)
-                .arg("--json")
-                .env("TOLLGATE_CLIENT", client)
-                .output()
-                .await
-                .unwrap()
-        })
-    };
+    let exec = lab.spawn_cli("alice", &["execute", &run, "--token", &token]);
     assert!(
         eventually(WAIT, || started.exists()).await,
         "drain never started"
@@ -370,8 +342,9 @@ async fn coordinator_sigkill_mid_run_closes_typed_and_journals_verify() {
     let cli = tokio::time::timeout(Duration::from_secs(60), exec)
         .await
         .unwrap()
+        .unwrap()
         .unwrap();
-    assert_eq!(cli.status.code(), Some(3), "{cli:?}");
+    assert_eq!(cli.code, 3, "{cli:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
