@@ -108,6 +108,9 @@ pub struct RunActor {
     total: u32,
     started_ms: u64,
     check_seq: u64,
+    /// Inputs that arrived since the machine last ran; fed together (group commit).
+    pending: Vec<Input>,
+    flush_scheduled: bool,
 }
 
 impl std::fmt::Debug for RunActor {
@@ -134,6 +137,8 @@ impl RunActor {
             total: 0,
             started_ms,
             check_seq: 0,
+            pending: Vec::new(),
+            flush_scheduled: false,
         }
     }
 
@@ -145,7 +150,18 @@ impl RunActor {
             .to_string()
     }
 
+    /// Queues an input. Inputs that arrive while the actor is busy (an fsync in progress, other
+    /// answers in the mailbox) are fed to the machine together by one `Flush`, so their records
+    /// share one journal write.
     fn feed(&mut self, ctx: &mut Context<Self>, input: Input) {
+        self.pending.push(input);
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.notify(Flush);
+        }
+    }
+
+    fn step_machine(&mut self, input: Input) {
         let now = self.deps.clock.now_ms();
         if let Input::Probed { host, outcome } | Input::Reprobed { host, outcome, .. } = &input {
             let (fingerprint, detail) = match outcome {
@@ -160,10 +176,7 @@ impl RunActor {
             });
         }
         match self.machine.step(now, input) {
-            Ok(effects) => {
-                self.queue.extend(effects);
-                self.drain(ctx);
-            }
+            Ok(effects) => self.queue.extend(effects),
             Err(e) => {
                 tracing::warn!(run = %self.meta.run_id, error = %e, "input ignored by the run machine")
             }
@@ -326,12 +339,17 @@ impl RunActor {
             };
             match effect {
                 Effect::Record(first) => {
+                    // Group commit: every record now queued is written with one fsync, before
+                    // any of the effects queued after the first of them is performed.
                     let mut batch = vec![first];
-                    while let Some(Effect::Record(_)) = self.queue.front() {
-                        if let Some(Effect::Record(ev)) = self.queue.pop_front() {
-                            batch.push(ev);
+                    let mut rest = VecDeque::with_capacity(self.queue.len());
+                    for e in self.queue.drain(..) {
+                        match e {
+                            Effect::Record(ev) => batch.push(ev),
+                            other => rest.push_back(other),
                         }
                     }
+                    self.queue = rest;
                     self.busy = true;
                     let fut = self.deps.recorder.send(Append {
                         run_id: self.meta.run_id,
@@ -607,6 +625,22 @@ impl Actor for RunActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.feed(ctx, Input::Start);
+    }
+}
+
+/// Feed every pending input to the machine, then perform the effects.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+impl Handler<Flush> for RunActor {
+    type Result = ();
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        self.flush_scheduled = false;
+        for input in std::mem::take(&mut self.pending) {
+            self.step_machine(input);
+        }
+        self.drain(ctx);
     }
 }
 
