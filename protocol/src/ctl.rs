@@ -158,7 +158,11 @@ pub enum CtlResponse {
     Plan(PlanView),
     Approved(Approval),
     /// An approval was recorded; more distinct approvers are needed before a token is issued.
-    ApprovalRecorded { run_id: Uuid, approvers: Vec<String>, required: u8 },
+    ApprovalRecorded {
+        run_id: Uuid,
+        approvers: Vec<String>,
+        required: u8,
+    },
     Status {
         hosts: Vec<HostStatus>,
     },

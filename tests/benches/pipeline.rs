@@ -26,7 +26,9 @@ fn operations() -> String {
             }
         }
     }
-    s.push_str("[probes.web]\nshell = \"sh\"\nrun = \"cat \\\"$TOLLGATE_AGENT_STATE/../facts.json\\\"\"\n");
+    s.push_str(
+        "[probes.web]\nshell = \"sh\"\nrun = \"cat \\\"$TOLLGATE_AGENT_STATE/../facts.json\\\"\"\n",
+    );
     s
 }
 
@@ -36,8 +38,15 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let names: Vec<String> = (1..=HOSTS).map(|i| format!("web{i}")).collect();
         let hosts: Vec<(&str, &str, &str)> = names.iter().map(|n| (n.as_str(), "web", "disposable")).collect();

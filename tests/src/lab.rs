@@ -5,6 +5,7 @@
 //! test can count exactly how many times each step ran on each host.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -190,6 +191,19 @@ impl Lab {
         coordinator_extra: &str,
         serve_env: Vec<(&'static str, String)>,
     ) -> anyhow::Result<Lab> {
+        Self::start_mixed(hosts, &[], operations, coordinator_extra, serve_env).await
+    }
+
+    /// Agent hosts plus PowerShell Remoting hosts (`ps_hosts`, WinRM mode) served by the pwsh
+    /// stand-in, which the coordinator runs in place of `pwsh`. A ps host's home is
+    /// `<root>/ps-NAME`, its markers under `home/markers`, its session state under `home/state`.
+    pub async fn start_mixed(
+        hosts: &[(&str, &str, &str)],
+        ps_hosts: &[(&str, &str, &str)],
+        operations: &str,
+        coordinator_extra: &str,
+        serve_env: Vec<(&'static str, String)>,
+    ) -> anyhow::Result<Lab> {
         let pki = TestPki::new()?;
         let mut agents = BTreeMap::new();
         let mut lab_hosts = Vec::new();
@@ -219,7 +233,26 @@ impl Lab {
             root.join("operations.toml"),
             root.join("coordinator.toml"),
         );
-        std::fs::write(&inventory, lab::inventory_toml(FLEET, &lab_hosts))?;
+        let mut inventory_text = lab::inventory_toml(FLEET, &lab_hosts);
+        for (name, role, class) in ps_hosts {
+            let home = root.join(format!("ps-{name}"));
+            std::fs::create_dir_all(home.join("markers"))?;
+            let _ = writeln!(
+                inventory_text,
+                "[[hosts]]\nname = \"{name}\"\nrole = \"{role}\"\nsafety_class = \"{class}\"\n[hosts.transport.psremoting]\ncomputer_name = \"{name}.corp.example\"\nstate_dir = {:?}\n",
+                home.join("state")
+            );
+        }
+        let coordinator_extra = if ps_hosts.is_empty() {
+            coordinator_extra.to_string()
+        } else {
+            format!(
+                "pwsh = {:?}\n{coordinator_extra}",
+                crate::bins::path("tollgate-pwsh-standin")?
+            )
+        };
+        let coordinator_extra = coordinator_extra.as_str();
+        std::fs::write(&inventory, inventory_text)?;
         std::fs::write(&ops, operations)?;
         std::fs::write(
             &config,
@@ -272,10 +305,14 @@ impl Lab {
 
     /// The home directory of a host (its facts, markers and slow switches).
     pub fn home(&self, host: &str) -> PathBuf {
-        self.agents
-            .get(host)
-            .and_then(|a| a.state_dir.parent().map(Path::to_path_buf))
-            .unwrap_or_default()
+        match self.agents.get(host) {
+            Some(a) => a
+                .state_dir
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            None => self.pki.root().join(format!("ps-{host}")),
+        }
     }
 
     /// How many times `step` ran on `host`.
@@ -285,7 +322,7 @@ impl Lab {
             .unwrap_or(0)
     }
 
-    /// Total runs of `step` across the fleet.
+    /// Total runs of `step` across the agent hosts.
     pub fn ran_anywhere(&self, step: &str) -> usize {
         self.agents.keys().map(|h| self.ran(h, step)).sum()
     }

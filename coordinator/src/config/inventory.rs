@@ -114,6 +114,9 @@ pub struct PsRemoting {
     pub user: Option<String>,
     /// SSH private key file (`-KeyFilePath`).
     pub key_file: Option<String>,
+    /// Where the session host keeps idempotency markers on the target (default
+    /// `$env:ProgramData\Tollgate` on Windows, `~/.local/state/tollgate` elsewhere).
+    pub state_dir: Option<String>,
 }
 
 /// A validated inventory.
@@ -203,6 +206,7 @@ struct RawPsRemoting {
     credential_ref: Option<String>,
     user: Option<String>,
     key_file: Option<String>,
+    state_dir: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,6 +338,7 @@ fn convert_psremoting(file: &str, key: &str, p: RawPsRemoting) -> Result<PsRemot
         credential_ref: p.credential_ref,
         user: p.user,
         key_file: p.key_file,
+        state_dir: p.state_dir,
     })
 }
 

@@ -30,6 +30,7 @@
 //! configuration_name = "Tollgate"      # optional, wsman only
 //! credential_ref = "db-admin"          # optional, wsman only (a name, never a secret)
 //! # user = "deploy", key_file = "~/.ssh/id_ed25519"   # ssh only
+//! # state_dir = "D:\\Tollgate"       # optional: idempotency markers on the target
 //!
 //! [[hosts]]
 //! name = "admin"

@@ -21,6 +21,7 @@ use crate::config::ProbeScript;
 use crate::core::facts::{HostFacts, ProbeFailure, ProbeOutcome};
 use crate::core::run::{CheckAnswer, IdempotencyAnswer, StepResult};
 use crate::transport::agent::{AgentConnector, AgentLink, LinkError};
+use crate::transport::pwsh::{PwshSession, PwshSettings, SessionError};
 
 use super::clock::Clock;
 
@@ -37,6 +38,9 @@ pub enum Reach {
         addr: SocketAddr,
         id: SpiffeId,
     },
+    /// A supervised `pwsh` session host: PowerShell Remoting (WinRM or SSH), or the local
+    /// runspace (the `local` transport).
+    Pwsh(Box<PwshSettings>),
     /// A transport this build cannot drive; every request fails typed with this reason.
     Unsupported {
         reason: String,
@@ -61,11 +65,21 @@ pub struct HostActor {
     link: Option<AgentLink>,
     backoff: Duration,
     next_attempt: Option<Instant>,
+    /// The pwsh session of a psremoting/local host; moved into each request's future and back
+    /// (requests are atomic, so it is here whenever one starts).
+    pwsh: Option<PwshSession>,
 }
 
 impl HostActor {
     pub fn new(name: String, reach: Reach, connector: AgentConnector, clock: Clock) -> Self {
+        let pwsh = match &reach {
+            Reach::Pwsh(settings) => {
+                Some(PwshSession::new(name.clone(), settings.as_ref().clone()))
+            }
+            _ => None,
+        };
         HostActor {
+            pwsh,
             name,
             reach,
             connector,
@@ -93,6 +107,13 @@ async fn ensure_link(
     }
     let (addr, id) = match reach {
         Reach::Agent { addr, id } => (addr, id),
+        Reach::Pwsh(_) => {
+            // Unreachable in practice: pwsh hosts are served by their session, never by a link.
+            return Err(LinkError::Unreachable {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                detail: "this host is reached through its pwsh session".into(),
+            });
+        }
         Reach::Unsupported { reason } => {
             return Err(LinkError::Unreachable {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -236,6 +257,9 @@ impl Handler<Probe> for HostActor {
     type Result = AtomicResponse<Self, ProbeOutcome>;
 
     fn handle(&mut self, msg: Probe, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(session) = self.pwsh.take() {
+            return self.pwsh_probe(session, msg);
+        }
         let (reach, connector, link, next) = (
             self.reach.clone(),
             self.connector.clone(),
@@ -315,6 +339,9 @@ impl Handler<Execute> for HostActor {
     type Result = AtomicResponse<Self, StepResult>;
 
     fn handle(&mut self, msg: Execute, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(session) = self.pwsh.take() {
+            return self.pwsh_execute(session, msg);
+        }
         let (reach, connector, link, next) = (
             self.reach.clone(),
             self.connector.clone(),
@@ -407,6 +434,18 @@ impl Handler<QueryKey> for HostActor {
     type Result = AtomicResponse<Self, IdempotencyAnswer>;
 
     fn handle(&mut self, msg: QueryKey, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(mut session) = self.pwsh.take() {
+            let fut = async move {
+                let r = session.query(&msg.key).await;
+                (session, r)
+            };
+            return AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+                |(session, r), act, _| {
+                    act.pwsh = Some(session);
+                    idempotency_answer(r.ok())
+                },
+            )));
+        }
         let (reach, connector, link, next) = (
             self.reach.clone(),
             self.connector.clone(),
@@ -426,16 +465,156 @@ impl Handler<QueryKey> for HostActor {
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             |(link, answer), act, _| {
                 note_link(act, &link);
-                match answer {
-                    Ok(IdempotencyStatus::NotFound) => IdempotencyAnswer::NotFound,
-                    Ok(IdempotencyStatus::Running) => IdempotencyAnswer::Running,
-                    Ok(IdempotencyStatus::Uncertain) => IdempotencyAnswer::Uncertain,
-                    Ok(IdempotencyStatus::Finished(r)) => {
-                        IdempotencyAnswer::Finished(step_result(&r))
+                if answer.is_err() {
+                    act.link = None;
+                }
+                idempotency_answer(answer.ok())
+            },
+        )))
+    }
+}
+
+/// Maps what a host said about a key (`None`: it could not be asked) to the core's answer.
+fn idempotency_answer(answer: Option<IdempotencyStatus>) -> IdempotencyAnswer {
+    match answer {
+        Some(IdempotencyStatus::NotFound) => IdempotencyAnswer::NotFound,
+        Some(IdempotencyStatus::Running) => IdempotencyAnswer::Running,
+        Some(IdempotencyStatus::Uncertain) => IdempotencyAnswer::Uncertain,
+        Some(IdempotencyStatus::Finished(r)) => IdempotencyAnswer::Finished(step_result(&r)),
+        None => IdempotencyAnswer::QueryFailed,
+    }
+}
+
+fn pwsh_probe_failure(e: &SessionError) -> ProbeFailure {
+    match e {
+        SessionError::PwshMissing { .. } => ProbeFailure::ShellUnavailable,
+        SessionError::AuthFailed(_) | SessionError::CredentialUnavailable(_) => {
+            ProbeFailure::AuthFailed
+        }
+        SessionError::Unreachable(_) => ProbeFailure::Unreachable,
+        SessionError::Lost(_) => ProbeFailure::SessionBroken,
+        SessionError::Timeout(_) => ProbeFailure::TimedOut,
+        SessionError::Protocol(d) | SessionError::ProbeMalformed(d) => {
+            ProbeFailure::Malformed { detail: d.clone() }
+        }
+        other => ProbeFailure::Failed {
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn pwsh_step_result(e: &SessionError) -> StepResult {
+    match e {
+        // Nothing was sent, or the host was busy: safe to retry.
+        SessionError::Unreachable(_) => StepResult::Transient {
+            reason: ReasonCode::Unreachable,
+        },
+        SessionError::Refused { .. } if e.is_transient() => StepResult::Transient {
+            reason: ReasonCode::Unreachable,
+        },
+        SessionError::AuthFailed(_) | SessionError::CredentialUnavailable(_) => {
+            StepResult::Permanent {
+                reason: ReasonCode::AuthFailed,
+                exit_code: None,
+            }
+        }
+        SessionError::PwshMissing { .. } => StepResult::Permanent {
+            reason: ReasonCode::ShellUnavailable,
+            exit_code: None,
+        },
+        // Sent, and the answer was lost: unknown outcome.
+        SessionError::Lost(_) | SessionError::Timeout(_) | SessionError::Protocol(_) => {
+            StepResult::OutcomeLost
+        }
+        _ => StepResult::Permanent {
+            reason: ReasonCode::SpawnFailed,
+            exit_code: None,
+        },
+    }
+}
+
+/// The pwsh transport: the session is moved into the request's future and put back after.
+impl HostActor {
+    fn pwsh_probe(
+        &mut self,
+        mut session: PwshSession,
+        msg: Probe,
+    ) -> AtomicResponse<Self, ProbeOutcome> {
+        let clock = self.clock.clone();
+        let timeout = Duration::from_millis(msg.timeout_ms.max(1));
+        let req = WireProbe {
+            script: msg.script.map(|s| Script {
+                shell: s.shell,
+                body: s.run,
+            }),
+            timeout_ms: msg.timeout_ms,
+        };
+        let fut = async move {
+            let r = session.probe(req, timeout).await;
+            (session, r)
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+            move |(session, r), act, _| {
+                act.pwsh = Some(session);
+                match r {
+                    Ok(report) if fingerprint(&report.facts) == report.fingerprint => {
+                        ProbeOutcome::Reported(HostFacts {
+                            fingerprint: report.fingerprint,
+                            probed_at_ms: clock.now_ms(),
+                            facts: report.facts,
+                        })
                     }
-                    Err(_) => {
-                        act.link = None;
-                        IdempotencyAnswer::QueryFailed
+                    Ok(_) => ProbeOutcome::Failed(ProbeFailure::Malformed {
+                        detail: "the reported fingerprint does not match the reported facts".into(),
+                    }),
+                    Err(e) => {
+                        tracing::info!(host = %act.name, error = %e, "probe failed");
+                        ProbeOutcome::Failed(pwsh_probe_failure(&e))
+                    }
+                }
+            },
+        )))
+    }
+
+    fn pwsh_execute(
+        &mut self,
+        mut session: PwshSession,
+        msg: Execute,
+    ) -> AtomicResponse<Self, StepResult> {
+        let host = self.name.clone();
+        let req = ExecuteRequest {
+            idempotency_key: msg.idempotency_key,
+            shell: msg.shell,
+            script: msg.script,
+            env: BTreeMap::from([
+                ("TOLLGATE_HOST".to_string(), host.clone()),
+                ("TOLLGATE_STEP".to_string(), msg.step_id.clone()),
+            ]),
+            working_dir: None,
+            timeout_ms: msg.timeout_ms,
+        };
+        let (output, step_id) = (msg.output, msg.step_id);
+        let fut = async move {
+            let on_output = |chunk: OutputChunk| {
+                if let Some(o) = &output {
+                    o.do_send(StepOutput {
+                        host: host.clone(),
+                        step_id: step_id.clone(),
+                        chunk,
+                    });
+                }
+            };
+            let r = session.execute(req, on_output).await;
+            (session, r)
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+            |(session, r), act, _| {
+                act.pwsh = Some(session);
+                match r {
+                    Ok(result) => step_result(&result),
+                    Err(e) => {
+                        tracing::info!(host = %act.name, error = %e, "step did not complete");
+                        pwsh_step_result(&e)
                     }
                 }
             },

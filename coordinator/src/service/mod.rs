@@ -18,7 +18,7 @@ use tollgate_certs::{
 };
 use tollgate_protocol::CTL_ALPN;
 
-use crate::config::{self, CoordinatorConfig, Inventory, Operations, Transport};
+use crate::config::{self, CoordinatorConfig, Inventory, Operations, PsTarget, Transport};
 use crate::core::token::TokenIssuer;
 use crate::runtime::clock::Clock;
 use crate::runtime::coordinator::{Coordinator, Setup};
@@ -26,6 +26,7 @@ use crate::runtime::host::{HostActor, Reach};
 use crate::runtime::nonces::NonceStore;
 use crate::runtime::recorder::Recorder;
 use crate::transport::agent::AgentConnector;
+use crate::transport::pwsh::{PwshMode, PwshSettings, SshTarget, WinRmTarget};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -162,12 +163,29 @@ fn reach_of(loaded: &Loaded) -> Result<BTreeMap<String, Reach>, ServiceError> {
                 }
                 Reach::Agent { addr, id }
             }
-            other => Reach::Unsupported {
-                reason: format!(
-                    "the {} transport is not available in this build",
-                    other.kind()
-                ),
-            },
+            Transport::PsRemoting(p) => {
+                let mode = match &p.target {
+                    PsTarget::ComputerName(name) => PwshMode::WinRm(WinRmTarget {
+                        port: p.port,
+                        configuration_name: p.configuration_name.clone(),
+                        ..WinRmTarget::new(name.clone())
+                    }),
+                    PsTarget::HostName(name) => PwshMode::Ssh(SshTarget {
+                        port: p.port,
+                        user: p.user.clone(),
+                        key_file: p.key_file.clone(),
+                        ..SshTarget::new(name.clone())
+                    }),
+                };
+                let mut settings = PwshSettings::new(&loaded.config.pwsh, mode);
+                settings.credential_ref = p.credential_ref.clone();
+                settings.state_dir = p.state_dir.clone();
+                Reach::Pwsh(Box::new(settings))
+            }
+            Transport::Local => Reach::Pwsh(Box::new(PwshSettings::new(
+                &loaded.config.pwsh,
+                PwshMode::None,
+            ))),
         };
         out.insert(h.name.clone(), reach);
     }

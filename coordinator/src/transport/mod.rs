@@ -2,3 +2,4 @@
 //! of them decides anything.
 
 pub mod agent;
+pub mod pwsh;

@@ -1,0 +1,211 @@
+//! The happy paths of `pwsh_transport.rs`, against a real `pwsh` running the shipped
+//! session-host script in `none` mode (the `local` transport). Runs only where `pwsh` is on
+//! PATH; elsewhere each test says it did not run, and why, and passes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tollgate_coordinator::transport::pwsh::{
+    PwshMode, PwshSession, PwshSettings, SessionHealth, resolve_program,
+};
+use tollgate_protocol::Shell;
+use tollgate_protocol::agent::{
+    ExecResult, ExecStatus, ExecuteRequest, IdempotencyStatus, OutputChunk, ProbeRequest, Script,
+    Stream, fingerprint,
+};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// `pwsh` from PATH, or `None` after saying that these tests did not run.
+fn real_pwsh() -> Option<PathBuf> {
+    match resolve_program(Path::new("pwsh")) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            // Straight to the process's stderr, past the test harness's output capture, so the
+            // notice shows in every run (CI included), not only on failure.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "pwsh not on PATH: real-pwsh tests did not run ({e})"
+            );
+            None
+        }
+    }
+}
+
+fn session(pwsh: PathBuf, dir: &tempfile::TempDir) -> PwshSession {
+    let mut s = PwshSettings::new(pwsh, PwshMode::None);
+    s.state_dir = Some(dir.path().join("state").to_string_lossy().into_owned());
+    s.connect_timeout = Duration::from_secs(60);
+    s.request_timeout = Duration::from_secs(30);
+    s.answer_margin = Duration::from_secs(30);
+    PwshSession::new("local".into(), s)
+}
+
+fn step(key: &str, shell: Shell, script: &str, timeout_ms: u64) -> ExecuteRequest {
+    ExecuteRequest {
+        idempotency_key: key.to_string(),
+        shell,
+        script: script.to_string(),
+        env: BTreeMap::from([("TOLLGATE_STEP".to_string(), "deploy.1".to_string())]),
+        working_dir: None,
+        timeout_ms,
+    }
+}
+
+async fn execute(s: &mut PwshSession, req: ExecuteRequest) -> (ExecResult, Vec<OutputChunk>) {
+    let mut chunks = Vec::new();
+    let r = tokio::time::timeout(LIMIT, s.execute(req, |c| chunks.push(c)))
+        .await
+        .expect("in time")
+        .expect("executed");
+    (r, chunks)
+}
+
+fn stream_text(chunks: &[OutputChunk], stream: Stream) -> String {
+    chunks
+        .iter()
+        .filter(|c| c.stream == stream)
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect()
+}
+
+/// A path as a single-quoted PowerShell string.
+fn ps_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "''"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_probe_reports_facts() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = session(pwsh, &dir);
+    let req = ProbeRequest {
+        script: Some(Script {
+            shell: Shell::Pwsh,
+            body: "[pscustomobject]@{ role = 'web'; port = 443 } | ConvertTo-Json -Compress".into(),
+        }),
+        timeout_ms: 30_000,
+    };
+    let r = tokio::time::timeout(LIMIT, s.probe(req, Duration::from_secs(90)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.facts["os.family"], std::env::consts::OS);
+    assert!(!r.facts["pwsh.version"].is_empty());
+    assert!(!r.facts["host.name"].is_empty());
+    assert_eq!(r.facts["probe.role"], "web");
+    assert_eq!(r.facts["probe.port"], "443");
+    assert_eq!(r.fingerprint, fingerprint(&r.facts));
+    assert_eq!(s.health(), &SessionHealth::Ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_streams_output_errors_and_exit_code() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = session(pwsh, &dir);
+    let script = "Write-Output 'one'\nWrite-Error 'two'\nWrite-Warning 'three'\nWrite-Output $env:TOLLGATE_STEP\nexit 3";
+    let (r, chunks) = execute(&mut s, step("real/out", Shell::Pwsh, script, 60_000)).await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 3 });
+    let out = stream_text(&chunks, Stream::Stdout);
+    let err = stream_text(&chunks, Stream::Stderr);
+    assert!(out.contains("one") && out.contains("deploy.1"), "{out}");
+    assert!(
+        err.contains("two") && err.contains("WARNING: three"),
+        "{err}"
+    );
+    let seqs: Vec<u64> = chunks.iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, (0..chunks.len() as u64).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_terminating_error_has_message_and_category() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = session(pwsh, &dir);
+    let missing = dir.path().join("not-here");
+    let script = format!(
+        "Write-Output 'before'\nGet-Item -LiteralPath {} -ErrorAction Stop\nWrite-Output 'after'",
+        ps_quote(&missing)
+    );
+    let (r, chunks) = execute(&mut s, step("real/throw", Shell::Pwsh, &script, 60_000)).await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 1 });
+    let e = s.last_script_error().expect("an error record");
+    assert_eq!(e.category, "ObjectNotFound");
+    assert!(e.message.contains("not-here"), "{}", e.message);
+    let out = stream_text(&chunks, Stream::Stdout);
+    assert!(out.contains("before") && !out.contains("after"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_runs_a_key_exactly_once() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = session(pwsh, &dir);
+    let target = dir.path().join("appended.txt");
+    let script = format!(
+        "Add-Content -LiteralPath {} -Value 'ran'",
+        ps_quote(&target)
+    );
+    let (first, _) = execute(&mut s, step("real/once", Shell::Pwsh, &script, 60_000)).await;
+    assert_eq!(first.status, ExecStatus::Exited { code: 0 });
+    let (second, _) = execute(&mut s, step("real/once", Shell::Pwsh, &script, 60_000)).await;
+    assert!(second.replayed);
+    assert_eq!(std::fs::read_to_string(&target).unwrap().lines().count(), 1);
+    let q = tokio::time::timeout(LIMIT, s.query("real/once"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(q, IdempotencyStatus::Finished(ref r) if r.status == ExecStatus::Exited { code: 0 }),
+        "{q:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_times_out_and_cancels() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = session(pwsh, &dir);
+    let script = "Write-Output 'started'\nStart-Sleep -Seconds 120";
+    let (r, _) = execute(&mut s, step("real/slow", Shell::Pwsh, script, 1500)).await;
+    assert_eq!(r.status, ExecStatus::TimedOut);
+    assert_eq!(s.spawns(), 1, "the session host stopped the step itself");
+
+    let canceller = s.canceller();
+    let mut seen = String::new();
+    let mut asked = None;
+    let r = tokio::time::timeout(
+        LIMIT,
+        s.execute(step("real/cancel", Shell::Pwsh, script, 120_000), |c| {
+            seen.push_str(&String::from_utf8_lossy(&c.data));
+            if seen.contains("started") && asked.is_none() {
+                asked = Some(canceller.cancel("real/cancel"));
+            }
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(asked, Some(true));
+    assert_eq!(r.status, ExecStatus::Cancelled);
+    assert_eq!(s.spawns(), 1);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_runs_sh_steps() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = session(pwsh, &dir);
+    let (r, chunks) = execute(
+        &mut s,
+        step("real/sh", Shell::Sh, "echo hi\nexit 4", 60_000),
+    )
+    .await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 4 });
+    assert!(stream_text(&chunks, Stream::Stdout).contains("hi"));
+}
