@@ -16,6 +16,7 @@
 //! | [`run`] | [`run::RunMachine`]: one run as a sans-IO state machine |
 //! | [`outcome`] | typed outcomes and their wire form |
 //! | [`timeline`] | timeline events (decision, rule, inputs) |
+//! | [`resubmit`] | which run ids may be reused (only to continue an escalation) |
 //! | [`rules`] | every rule id with its sentence |
 //! | [`commands`] | the exact CLI commands the core tells operators to run |
 //! | [`canon`] | the canonical encoding behind every hash and signature |
@@ -31,6 +32,7 @@ pub mod lifecycle;
 pub mod outcome;
 pub mod plan;
 pub mod policy;
+pub mod resubmit;
 pub mod rules;
 pub mod run;
 pub mod timeline;

@@ -19,6 +19,7 @@ use crate::core::approval::{ApprovalProgress, ApprovalRequest, PendingApproval};
 use crate::core::commands::execute_command;
 use crate::core::lifecycle::HostState;
 use crate::core::plan::Intent;
+use crate::core::resubmit::{ExistingRun, may_reuse_run_id};
 use crate::core::run::{RunMachine, RunSettings, RunSpec};
 use crate::core::token::TokenIssuer;
 
@@ -211,24 +212,22 @@ impl Handler<Submit> for Coordinator {
             ));
         }
         if let Some(existing) = self.runs.get(&i.run_id) {
-            // The escalation command re-submits the same run in full mode; nothing else may reuse a run id.
-            let escalated = existing.addr.is_none()
-                && existing
-                    .last
-                    .as_ref()
-                    .is_some_and(|r| r.outcome.kind() == OutcomeKind::EscalationRequired)
-                && existing.action == i.action
-                && i.requested_mode == Mode::Full;
-            if !escalated {
-                return Err(ctl_error(
+            let known = ExistingRun {
+                action: existing.action,
+                finished_as: match existing.addr {
+                    Some(_) => None,
+                    None => existing.last.as_ref().map(|r| r.outcome.kind()),
+                },
+            };
+            may_reuse_run_id(known, i.action, i.requested_mode).map_err(|why| {
+                ctl_error(
                     CtlErrorCode::InvalidRequest,
                     format!(
-                        "run {} already exists ({}); choose a new run id",
-                        i.run_id,
-                        existing.state()
+                        "run {} already exists and cannot be reused: {why}; choose a new run id",
+                        i.run_id
                     ),
-                ));
-            }
+                )
+            })?;
         }
         let spec = RunSpec {
             intent: Intent {
