@@ -1,6 +1,7 @@
 //! 5 hosts x 20 no-op steps through the whole pipeline: real agents on 127.0.0.x, mutual TLS,
 //! journal fsync, probes, and (for the teardown) barriers with re-probes and a token.
 //! Prints medians; asserts nothing about time. `BENCH_REPS` sets the repetitions (default 5).
+//! Lines starting `RESULT ` are for `bench/run.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fmt::Write;
@@ -70,5 +71,10 @@ fn main() {
         println!("|---|---|---|");
         println!("| quick deploy (probe, plan, 20 steps, journal fsync) | {:.1} ms | {:.2} ms |", d.as_secs_f64() * 1000.0, per(d));
         println!("| full teardown execute (token, 2 barriers with re-probes, 20 steps) | {:.1} ms | {:.2} ms |", t.as_secs_f64() * 1000.0, per(t));
+        println!("RESULT pipeline_reps={reps}");
+        println!("RESULT pipeline_deploy_ms={:.1}", d.as_secs_f64() * 1000.0);
+        println!("RESULT pipeline_teardown_ms={:.1}", t.as_secs_f64() * 1000.0);
+        println!("RESULT pipeline_deploy_per_step_ms={:.2}", per(d));
+        println!("RESULT pipeline_teardown_per_step_ms={:.2}", per(t));
     });
 }

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Tollgate benchmarks (SPEC §9), side by side with Ansible. Asserts nothing about timings.
+#
+#   bash bench/run.sh           # full: 5 repetitions each, fan-out over 1,000 simulated agents;
+#                               # rewrites docs/performance.md
+#   bash bench/run.sh --quick   # everything once, fan-out over 100 agents: proves the benches
+#                               # still run (CI); prints the table, leaves docs/ alone
+#
+# Builds the release binaries (`cargo build --release --bins`), then runs:
+#   pipeline         5 hosts x 20 no-op steps, full pipeline (tests/benches/pipeline.rs)
+#   ansible          the same 5 x 20 in ansible-core, pinned, in a venv (bench/ansible.sh)
+#   fanout           probe fan-out over N simulated agents (tests/benches/fanout.rs)
+#   agent_footprint  stripped agent binary size and idle RSS (tests/benches/agent_footprint.rs)
+# Honours CARGO_TARGET_DIR. The table is always written to $TARGET/bench-results/performance.md.
+# Exits non-zero if any piece failed to run (the others still run).
+# Knobs: BENCH_REPS, ANSIBLE_REPS, FANOUT_HOSTS, FANOUT_COORDINATOR_EXTRA.
+set -uo pipefail
+
+QUICK=0
+for arg in "$@"; do
+    case $arg in
+        --quick) QUICK=1 ;;
+        -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+        *) echo "bench/run.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+case $TARGET in /*) ;; *) TARGET=$ROOT/$TARGET ;; esac
+OUT=$TARGET/bench-results
+mkdir -p "$OUT"
+if [ $QUICK = 1 ]; then
+    : "${BENCH_REPS:=1}" "${ANSIBLE_REPS:=1}" "${FANOUT_HOSTS:=100}"
+else
+    : "${BENCH_REPS:=5}" "${ANSIBLE_REPS:=5}" "${FANOUT_HOSTS:=1000}"
+fi
+export BENCH_REPS FANOUT_HOSTS
+export FANOUT_COORDINATOR_EXTRA=${FANOUT_COORDINATOR_EXTRA:-}
+
+started=$(date +%s)
+load=$(cut -d" " -f1-3 /proc/loadavg)
+failed=()
+echo "== building release binaries" >&2
+if ! cargo build --release --bins; then
+    echo "bench/run.sh: the release build failed" >&2
+    exit 1
+fi
+
+# run NAME COMMAND...: runs one piece, keeps its output in $OUT/NAME.log.
+run() {
+    local name=$1
+    shift
+    echo "== $name" >&2
+    if "$@" 2>&1 | tee "$OUT/$name.log"; then
+        :
+    else
+        failed+=("$name")
+        echo "bench/run.sh: $name FAILED (log: $OUT/$name.log)" >&2
+    fi
+}
+run pipeline cargo bench -p tollgate-tests --bench pipeline
+run ansible bash bench/ansible.sh "$ANSIBLE_REPS"
+run fanout cargo bench -p tollgate-tests --bench fanout
+run agent_footprint cargo bench -p tollgate-tests --bench agent_footprint
+
+# get KEY: the value of `RESULT KEY=VALUE` from any log, or "n/a".
+get() {
+    local v
+    v=$(cat "$OUT"/*.log 2>/dev/null | sed -n "s/^RESULT $1=//p" | tail -n 1)
+    echo "${v:-n/a}"
+}
+ratio() { # ratio A B: A / B with one decimal, or n/a
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.0fx", a / b; else print "n/a" }'
+}
+verdict() { # verdict VALUE OP LIMIT: "met" / "missed" / "n/a"
+    awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
+        if (v == "n/a" || v == "") { print "n/a"; exit }
+        ok = (op == "<") ? (v + 0 < l + 0) : (v + 0 >= l + 0)
+        print ok ? "met" : "missed" }'
+}
+
+deploy=$(get pipeline_deploy_ms)
+teardown=$(get pipeline_teardown_ms)
+ansible=$(get ansible_ms)
+r_deploy=$(ratio "$ansible" "$deploy")
+r_teardown=$(ratio "$ansible" "$teardown")
+per_deploy=$(get pipeline_deploy_per_step_ms)
+per_teardown=$(get pipeline_teardown_per_step_ms)
+agent_mb=$(get agent_binary_mb)
+agent_rss=$(get agent_idle_rss_mb)
+mem=$(free -g | awk '/^Mem:/ { print $2 }')
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1)
+cmd="bash bench/run.sh"
+[ $QUICK = 1 ] && cmd="bash bench/run.sh --quick"
+elapsed=$(($(date +%s) - started))
+
+{
+    echo "# Performance"
+    echo
+    echo "Measured by \`$cmd\` (regenerate with \`bash bench/run.sh\`; \`--quick\` only checks the"
+    echo "benches still run). Benchmarks never assert timings; the targets are SPEC §9."
+    echo
+    echo "- date: $(date -u +%Y-%m-%d) ($(date -u +%H:%M) UTC), commit $(git rev-parse --short HEAD 2>/dev/null || echo n/a)"
+    echo "- machine: $(nproc) cores${cpu:+ ($cpu)}, ${mem} GB memory (\`free -g\`), $(uname -sr); load average at start $load (the machine may be shared: figures are noisy)"
+    echo "- repetitions: pipeline $BENCH_REPS, Ansible $ANSIBLE_REPS (medians); fan-out two deploys back to back over $(get fanout_hosts) simulated agents"
+    echo "- Ansible: ansible-core $(get ansible_version), \`connection: local\`, forks 5, 5 hosts, 20 tasks \`ansible.builtin.command: \"true\"\`, gather_facts off"
+    echo
+    echo "| figure | measured | SPEC §9 target | |"
+    echo "|---|---|---|---|"
+    echo "| 5 hosts x 20 no-op steps, quick deploy (probe, plan, journal fsync), median | $deploy ms ($per_deploy ms per step per host) | < 2 ms per step per host | $(verdict "$per_deploy" "<" 2) |"
+    echo "| 5 hosts x 20 no-op steps, full teardown execute (token, 2 barriers with re-probes, journal fsync), median | $teardown ms ($per_teardown ms per step per host) | < 2 ms per step per host | $(verdict "$per_teardown" "<" 2) |"
+    echo "| same 5 x 20 in Ansible, median | $ansible ms | | |"
+    echo "| Ansible / Tollgate, teardown execute (barriers and re-probe on) | $r_teardown | >= 50x (aim 100x) | $(verdict "${r_teardown%x}" ">=" 50) |"
+    echo "| Ansible / Tollgate, quick deploy | $r_deploy | >= 50x (aim 100x) | $(verdict "${r_deploy%x}" ">=" 50) |"
+    for t in cold warm; do
+        if [ $t = cold ]; then what="first deploy (cold: a QUIC + mTLS handshake per agent)"; else what="second deploy (warm: links kept from the first)"; fi
+        echo "| probe fan-out over $(get fanout_hosts) simulated agents, $what: outcome | $(get fanout_${t}_outcome), $(get fanout_${t}_reported) probes ok, failed: $(get fanout_${t}_probe_failures), in $(get fanout_${t}_deploy_s) s | every host probed | $( [ "$(get fanout_${t}_outcome)" = Completed ] && echo met || echo missed ) |"
+        echo "| ... p50 per host probe (until journaled; on the wire) | $(get fanout_${t}_p50_ms) ms; $(get fanout_${t}_wire_p50_ms) ms | | |"
+        echo "| ... p99 per host probe (until journaled; on the wire) | $(get fanout_${t}_p99_ms) ms; $(get fanout_${t}_wire_p99_ms) ms | < 1 s | $(verdict "$(get fanout_${t}_p99_ms)" "<" 1000) |"
+        echo "| ... coordinator peak RSS (VmHWM) | $(get fanout_${t}_rss_peak_mb) MB | < 100 MB | $(verdict "$(get fanout_${t}_rss_peak_mb)" "<" 100) |"
+    done
+    echo "| agent stripped binary | $agent_mb MB | < 15 MB | $(verdict "$agent_mb" "<" 15) |"
+    echo "| agent idle RSS | $agent_rss MB | < 15 MB | $(verdict "$agent_rss" "<" 15) |"
+    echo
+    echo "Coordinator RSS before the fan-out: $(get fanout_rss_idle_mb) MB. UDP datagrams dropped for a full socket receive buffer (\`RcvbufErrors\`, whole network namespace) during the cold / warm deploy: $(get fanout_cold_udp_drops) / $(get fanout_warm_udp_drops)."
+    echo
+    echo "How each figure is measured:"
+    echo
+    echo "- Pipeline: \`cargo bench -p tollgate-tests --bench pipeline\`: 5 real \`tollgate-agent\` processes on 127.0.0.x, a real \`tollgate serve\`, mutual TLS over QUIC, every timeline event fsynced; the time is one \`tollgate deploy\` / \`tollgate execute\` CLI invocation, so it includes starting the CLI process. Each step is \`sh true\` run by the agent."
+    echo "- Ansible: \`bench/ansible.sh\`, wall time of one \`ansible-playbook\` run."
+    echo "- Fan-out: \`cargo bench -p tollgate-tests --bench fanout\`: \`tollgate-sim-agents\` serves N agents in one process (own certificate \`spiffe://test/agent/simNNNN\` and own QUIC endpoint on 127.0.0.1 each; canned probe and execute answers), a real \`tollgate serve\` has them all in its inventory; quick \`tollgate deploy\` with one no-op step per host. Latency per host = \`probe_reported\` (that host) minus \`probe_requested\` \`at_ms\` in \`timeline.jsonl\`, i.e. until the answer is journaled and fsynced; \"on the wire\" is when the simulator wrote the answer. RSS is \`VmHWM\` of the serve process after the deploy. Two deploys run back to back: the first dials every agent (\`CONNECT_TIMEOUT\`, 5 s, is fixed in the coordinator), the second reuses the links."
+    echo "- Agent: \`cargo bench -p tollgate-tests --bench agent_footprint\`: \`strip\` on a copy of \`target/release/tollgate-agent\`; \`VmRSS\` of an agent started with a config, after its \"listening\" line and 1 s idle."
+} > "$OUT/performance.md"
+
+echo
+cat "$OUT/performance.md"
+if [ $QUICK = 0 ] && [ ${#failed[@]} = 0 ]; then
+    cp "$OUT/performance.md" docs/performance.md
+    echo >&2
+    echo "bench/run.sh: wrote docs/performance.md" >&2
+fi
+echo "bench/run.sh: finished in ${elapsed}s" >&2
+if [ ${#failed[@]} != 0 ]; then
+    echo "bench/run.sh: FAILED: ${failed[*]}" >&2
+    exit 1
+fi
