@@ -5,4 +5,5 @@
 pub mod bins;
 pub mod fleet;
 pub mod lab;
+pub mod netns;
 pub mod proc;

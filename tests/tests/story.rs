@@ -69,6 +69,11 @@ async fn quick_deploy_then_escalation_command_reaches_confirmation() {
         2,
         "deploy and the escalated run's first part"
     );
+    // The re-submitted run is open again, awaiting its token: it verifies against the live head,
+    // not the summary of its escalated first part.
+    let run = next.split_whitespace().last().unwrap();
+    let v = lab.cli("carol", &["runs", "verify", run]).await.unwrap();
+    assert_eq!((v.code, v.json()["ok"].as_bool()), (0, Some(true)), "{v:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,18 @@ use std::path::Path;
 /// Verifies `dir/timeline.jsonl` against the signed anchor in `dir/summary.json` (when the run
 /// is closed). `public_key` is the coordinator's token/summary key.
 pub fn verify_run_dir(dir: &Path, run_id: uuid::Uuid, public_key: &[u8]) -> VerifyReport {
+    verify_run_dir_open(dir, run_id, public_key, None)
+}
+
+/// Like [`verify_run_dir`]; for a run still open, `open_head` is the event count and last hash
+/// the recorder holds, so a timeline cut at a line boundary is caught too. A run with neither a
+/// head nor a signed summary cannot have its end checked and does not verify.
+pub fn verify_run_dir_open(
+    dir: &Path,
+    run_id: uuid::Uuid,
+    public_key: &[u8],
+    open_head: Option<(u64, String)>,
+) -> VerifyReport {
     let not_ok = |problem: String| VerifyReport {
         ok: false,
         events: 0,
@@ -32,8 +44,23 @@ pub fn verify_run_dir(dir: &Path, run_id: uuid::Uuid, public_key: &[u8]) -> Veri
         Ok(b) => b,
         Err(e) => return not_ok(format!("{}: {e}", dir.join(Journal::FILE).display())),
     };
+    // A run this coordinator holds open is anchored by its live head (an escalated run that was
+    // re-submitted still has the summary of its first part until it finishes again).
+    if let Some((events, last)) = open_head {
+        return verify(run_id, &bytes, Some((events, last.as_str())));
+    }
     let anchor = match std::fs::read(dir.join("summary.json")) {
-        Err(_) => None,
+        Err(_) => {
+            let mut r = verify(run_id, &bytes, None);
+            if r.ok {
+                r.ok = false;
+                r.problem = Some(
+                    "the run has no signed summary and this coordinator holds no head for it: the end of its timeline cannot be checked"
+                        .into(),
+                );
+            }
+            return r;
+        }
         Ok(s) => match serde_json::from_slice::<summary::Summary>(&s) {
             Err(e) => return not_ok(format!("summary.json is unreadable: {e}")),
             Ok(s) if s.run_id != run_id => {

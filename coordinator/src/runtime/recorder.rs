@@ -110,3 +110,22 @@ impl Handler<WriteSummary> for Recorder {
         Ok(path)
     }
 }
+
+/// The head (event count, last hash) of a run whose journal this recorder holds open: the
+/// anchor of a run that has no signed summary yet.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<(u64, String)>")]
+pub struct Head {
+    pub run_id: Uuid,
+}
+
+impl Handler<Head> for Recorder {
+    type Result = Option<(u64, String)>;
+
+    fn handle(&mut self, msg: Head, _: &mut Context<Self>) -> Self::Result {
+        self.open.get(&msg.run_id).map(|j| {
+            let (n, h) = j.head();
+            (n, h.to_string())
+        })
+    }
+}

@@ -19,11 +19,13 @@ use crate::journal::{self, Journal};
 use crate::runtime::coordinator::{
     Approve, ApproveResult, Coordinator, ExecuteRun, PlanShow, RunsList, Status, Submit,
 };
+use crate::runtime::recorder::{Head, Recorder};
 use crate::runtime::run::RunUpdate;
 
 #[derive(Debug)]
 pub struct CtlContext {
     pub coordinator: Addr<Coordinator>,
+    pub recorder: Addr<Recorder>,
     pub authorization: Authorization,
     pub runs_dir: PathBuf,
     pub public_key: Vec<u8>,
@@ -265,7 +267,8 @@ async fn answer(ctx: &CtlContext, peer: &str, req: CtlRequest) -> CtlResponse {
                     format!("no timeline for run {run_id}"),
                 );
             }
-            let r = journal::verify_run_dir(&dir, run_id, &ctx.public_key);
+            let head = ctx.recorder.send(Head { run_id }).await.ok().flatten();
+            let r = journal::verify_run_dir_open(&dir, run_id, &ctx.public_key, head);
             CtlResponse::Verified(VerifyReport {
                 run_id,
                 ok: r.ok,
@@ -282,7 +285,8 @@ async fn answer(ctx: &CtlContext, peer: &str, req: CtlRequest) -> CtlResponse {
                     format!("no timeline for run {run_id}"),
                 );
             };
-            let check = journal::verify_run_dir(&dir, run_id, &ctx.public_key);
+            let head = ctx.recorder.send(Head { run_id }).await.ok().flatten();
+            let check = journal::verify_run_dir_open(&dir, run_id, &ctx.public_key, head);
             let mut lines: Vec<String> = Vec::new();
             if !check.ok {
                 lines.push(format!(

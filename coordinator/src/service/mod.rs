@@ -286,6 +286,7 @@ pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError
     })?;
     let ctx = Arc::new(ctl::CtlContext {
         coordinator: coordinator.clone(),
+        recorder: recorder.clone(),
         authorization: loaded.config.authorization.clone(),
         runs_dir: runs_dir.clone(),
         public_key: public_key.clone(),
