@@ -126,6 +126,25 @@ pub enum ProbeOutcome {
 }
 
 impl ProbeOutcome {
+    /// The outcome of a probe answer: its facts count only if the reported fingerprint is the
+    /// canonical fingerprint of the reported facts; anything else is a malformed report.
+    pub fn from_report(
+        fingerprint: String,
+        facts: BTreeMap<String, String>,
+        probed_at_ms: u64,
+    ) -> ProbeOutcome {
+        if tollgate_protocol::agent::fingerprint(&facts) != fingerprint {
+            return ProbeOutcome::Failed(ProbeFailure::Malformed {
+                detail: "the reported fingerprint does not match the reported facts".into(),
+            });
+        }
+        ProbeOutcome::Reported(HostFacts {
+            fingerprint,
+            probed_at_ms,
+            facts,
+        })
+    }
+
     /// The facts if the probe succeeded with a valid fingerprint; `None` means doubt.
     pub fn usable(&self) -> Option<&HostFacts> {
         match self {
@@ -172,5 +191,30 @@ mod tests {
             outcome.failure().map(|f| f.reason()),
             Some(ReasonCode::MalformedFacts)
         );
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    #[test]
+    fn a_report_counts_only_if_its_fingerprint_matches_its_facts() {
+        let facts = BTreeMap::from([("host.name".to_string(), "web1".to_string())]);
+        let good = tollgate_protocol::agent::fingerprint(&facts);
+        match ProbeOutcome::from_report(good.clone(), facts.clone(), 7) {
+            ProbeOutcome::Reported(f) => assert_eq!((f.fingerprint, f.probed_at_ms), (good, 7)),
+            other => panic!("{other:?}"),
+        }
+        let mut drifted = facts;
+        drifted.insert("probe.app".into(), "1.1".into());
+        assert!(matches!(
+            ProbeOutcome::from_report(
+                tollgate_protocol::agent::fingerprint(&BTreeMap::new()),
+                drifted,
+                7
+            ),
+            ProbeOutcome::Failed(ProbeFailure::Malformed { .. })
+        ));
     }
 }

@@ -13,12 +13,12 @@ use tollgate_certs::SpiffeId;
 use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{
     AgentErrorCode, ExecResult, ExecStatus, ExecuteRequest, IdempotencyStatus, OutputChunk,
-    ProbeRequest as WireProbe, Script, fingerprint,
+    ProbeRequest as WireProbe, Script,
 };
 use tollgate_protocol::outcome::ReasonCode;
 
 use crate::config::ProbeScript;
-use crate::core::facts::{HostFacts, ProbeFailure, ProbeOutcome};
+use crate::core::facts::{ProbeFailure, ProbeOutcome};
 use crate::core::run::{CheckAnswer, IdempotencyAnswer, StepResult};
 use crate::transport::agent::{AgentConnector, AgentLink, LinkError};
 use crate::transport::pwsh::{PwshSession, PwshSettings, SessionError};
@@ -297,18 +297,7 @@ impl Handler<Probe> for HostActor {
                 };
                 match answer {
                     Ok(report) => {
-                        if fingerprint(&report.facts) != report.fingerprint {
-                            return ProbeOutcome::Failed(ProbeFailure::Malformed {
-                                detail:
-                                    "the reported fingerprint does not match the reported facts"
-                                        .into(),
-                            });
-                        }
-                        ProbeOutcome::Reported(HostFacts {
-                            fingerprint: report.fingerprint,
-                            probed_at_ms: clock.now_ms(),
-                            facts: report.facts,
-                        })
+                        ProbeOutcome::from_report(report.fingerprint, report.facts, clock.now_ms())
                     }
                     Err(e) => {
                         if matches!(e, LinkError::Lost(_) | LinkError::Timeout(_)) {
@@ -557,16 +546,9 @@ impl HostActor {
             move |(session, r), act, _| {
                 act.pwsh = Some(session);
                 match r {
-                    Ok(report) if fingerprint(&report.facts) == report.fingerprint => {
-                        ProbeOutcome::Reported(HostFacts {
-                            fingerprint: report.fingerprint,
-                            probed_at_ms: clock.now_ms(),
-                            facts: report.facts,
-                        })
+                    Ok(report) => {
+                        ProbeOutcome::from_report(report.fingerprint, report.facts, clock.now_ms())
                     }
-                    Ok(_) => ProbeOutcome::Failed(ProbeFailure::Malformed {
-                        detail: "the reported fingerprint does not match the reported facts".into(),
-                    }),
                     Err(e) => {
                         tracing::info!(host = %act.name, error = %e, "probe failed");
                         ProbeOutcome::Failed(pwsh_probe_failure(&e))
