@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tollgate_certs::quic::{self, QuicTimeouts};
 use tollgate_certs::{RejectionLog, SpiffeId, TlsIdentity, TrustStore};
 use tollgate_protocol::agent::{
@@ -66,6 +67,17 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Socket buffer the coordinator asks for on its one UDP socket. Every agent's answers arrive
+/// there; with the 208 KiB Linux default, a fleet of hundreds answering a probe at once overflows
+/// it, and each dropped datagram costs a QUIC retransmission timeout (hundreds of ms). The kernel
+/// caps the request at `net.core.rmem_max` / `wmem_max`; the size obtained is logged.
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// Handshakes (QUIC + mutual TLS) in progress at once. Dialling a whole fleet at the same
+/// instant makes every handshake slow and some time out; a bounded number completes each
+/// quickly. A dial waits for a slot before its own connect timeout starts.
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 64;
+
 /// The coordinator's side of every agent connection: one QUIC endpoint, one identity.
 #[derive(Debug, Clone)]
 pub struct AgentConnector {
@@ -74,25 +86,87 @@ pub struct AgentConnector {
     trust: TrustStore,
     log: RejectionLog,
     timeouts: QuicTimeouts,
+    handshakes: Arc<Semaphore>,
+    buffers: SocketBuffers,
     pub limits: FrameLimits,
 }
 
+/// What the operating system granted for the client socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBuffers {
+    pub receive: usize,
+    pub send: usize,
+}
+
+/// A client endpoint on `bind` whose socket buffers are raised towards `bytes` (best effort).
+fn client_endpoint(
+    bind: SocketAddr,
+    bytes: usize,
+) -> std::io::Result<(quinn::Endpoint, SocketBuffers)> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    if let Err(e) = state.set_recv_buffer_size((&socket).into(), bytes) {
+        tracing::debug!(error = %e, "could not raise the UDP receive buffer");
+    }
+    if let Err(e) = state.set_send_buffer_size((&socket).into(), bytes) {
+        tracing::debug!(error = %e, "could not raise the UDP send buffer");
+    }
+    let buffers = SocketBuffers {
+        receive: state.recv_buffer_size((&socket).into()).unwrap_or(0),
+        send: state.send_buffer_size((&socket).into()).unwrap_or(0),
+    };
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok((endpoint, buffers))
+}
+
 impl AgentConnector {
-    /// Binds a client endpoint on `bind` (use port 0).
+    /// Binds a client endpoint on `bind` (use port 0), asking for [`UDP_BUFFER_BYTES`] of socket
+    /// buffer; warns when the system grants less (raise `net.core.rmem_max` for large fleets).
     pub fn new(
         identity: Arc<TlsIdentity>,
         trust: TrustStore,
         bind: SocketAddr,
     ) -> std::io::Result<Self> {
-        let endpoint = quinn::Endpoint::client(bind)?;
+        let (endpoint, buffers) = client_endpoint(bind, UDP_BUFFER_BYTES)?;
+        if buffers.receive < UDP_BUFFER_BYTES {
+            tracing::warn!(
+                granted = buffers.receive,
+                wanted = UDP_BUFFER_BYTES,
+                "the UDP receive buffer is smaller than asked (net.core.rmem_max): probes of a large fleet may lose packets and answer late"
+            );
+        } else {
+            tracing::debug!(
+                receive = buffers.receive,
+                send = buffers.send,
+                "agent socket buffers"
+            );
+        }
         Ok(AgentConnector {
             endpoint,
             identity,
             trust,
             log: RejectionLog::new(),
             timeouts: QuicTimeouts::default(),
+            handshakes: Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES)),
+            buffers,
             limits: FrameLimits::DEFAULT,
         })
+    }
+
+    /// The same connector with at most `n` handshakes at once (at least one).
+    pub fn with_handshake_limit(mut self, n: usize) -> Self {
+        self.handshakes = Arc::new(Semaphore::new(n.max(1)));
+        self
+    }
+
+    /// The socket buffers the system granted (for diagnostics and tests).
+    pub fn socket_buffers(&self) -> SocketBuffers {
+        self.buffers
     }
 
     /// Refusals of agent certificates seen so far.
@@ -100,7 +174,8 @@ impl AgentConnector {
         &self.log
     }
 
-    /// Connects to `addr`, requiring its certificate to be `expected`, and says `Hello`.
+    /// Connects to `addr`, requiring its certificate to be `expected`, and says `Hello`. Waits
+    /// for one of the [`MAX_CONCURRENT_HANDSHAKES`] slots first; `timeout` starts once it has one.
     pub async fn connect(
         &self,
         addr: SocketAddr,
@@ -108,6 +183,11 @@ impl AgentConnector {
         timeout: Duration,
     ) -> Result<AgentLink, LinkError> {
         let unreachable = |detail: String| LinkError::Unreachable { addr, detail };
+        let _slot = self
+            .handshakes
+            .acquire()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let cfg = quic::client_config(
             &self.identity,
             &self.trust,
