@@ -87,6 +87,30 @@ fn udp_rcvbuf_errors() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system, ms) the process `pid` has used so far, from `/proc/PID/stat`.
+fn cpu_ms(pid: u32, ticks_per_s: u64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() * 1000 / ticks_per_s.max(1)
+}
+
+fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -199,13 +223,14 @@ async fn run(pki: &TestPki, hosts: usize, extra: &str) -> anyhow::Result<()> {
         let r = deploy(&root, &client, &probe_log, serve_pid, hosts).await?;
         let ms = |v: u64| format!("{v} ms");
         println!(
-            "fanout ({label}): {hosts} simulated agents (setup {:.1} s), quick deploy with 1 no-op step: outcome {} in {:.2} s, {} timeline events; failed probes: {}; UDP receive-buffer drops during the deploy: {}",
+            "fanout ({label}): {hosts} simulated agents (setup {:.1} s), quick deploy with 1 no-op step: outcome {} in {:.2} s, {} timeline events; failed probes: {}; UDP receive-buffer drops during the deploy: {}; coordinator CPU {} ms",
             sim_setup.as_secs_f64(),
             r.outcome,
             r.deploy.as_secs_f64(),
             r.events,
             r.failures,
             r.udp_drops,
+            r.serve_cpu_ms,
         );
         println!(
             "| {label} | probes ok | failed | p50 (journaled) | p99 (journaled) | max | p50 (on the wire) | p99 (on the wire) | serve RSS idle | serve peak RSS (VmHWM) |"
@@ -232,6 +257,7 @@ async fn run(pki: &TestPki, hosts: usize, extra: &str) -> anyhow::Result<()> {
         println!("RESULT fanout_{label}_probe_failed={}", r.failed);
         println!("RESULT fanout_{label}_probe_failures={}", r.failures);
         println!("RESULT fanout_{label}_udp_drops={}", r.udp_drops);
+        println!("RESULT fanout_{label}_serve_cpu_ms={}", r.serve_cpu_ms);
         println!(
             "RESULT fanout_{label}_p50_ms={}",
             percentile(&r.journaled, 50.0)
@@ -285,6 +311,8 @@ struct DeployStats {
     failures: String,
     udp_drops: u64,
     hwm_kb: u64,
+    /// CPU time the coordinator (serve) used during the deploy.
+    serve_cpu_ms: u64,
     /// Per-host latencies (ms) of successful probes, sorted.
     journaled: Vec<u64>,
     wire: Vec<u64>,
@@ -302,6 +330,8 @@ async fn deploy(
         .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default();
     let drops_before = udp_rcvbuf_errors();
+    let ticks = clock_ticks();
+    let cpu_before = cpu_ms(serve_pid, ticks);
     let t = Instant::now();
     let out = tokio::time::timeout(
         Duration::from_secs(600),
@@ -313,6 +343,7 @@ async fn deploy(
     .await
     .context("tollgate deploy did not finish in 600 s")??;
     let deploy = t.elapsed();
+    let serve_cpu_ms = cpu_ms(serve_pid, ticks).saturating_sub(cpu_before);
     let hwm_kb = status_kb(serve_pid, "VmHWM:").unwrap_or(0);
     let udp_drops = udp_rcvbuf_errors().saturating_sub(drops_before);
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -393,6 +424,7 @@ async fn deploy(
         failures,
         udp_drops,
         hwm_kb,
+        serve_cpu_ms,
         journaled,
         wire,
     })
