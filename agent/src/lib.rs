@@ -15,5 +15,6 @@ pub mod probe;
 pub mod server;
 pub mod shells;
 pub mod store;
+pub mod store_log;
 
 pub use error::AgentError;

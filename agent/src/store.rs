@@ -1,21 +1,26 @@
 //! The durable idempotency store: key -> started | finished(result).
 //!
-//! Each key is one JSON file `idempotency/<sha256(key)>.json`, written atomically and fsynced
-//! *before* the script starts (`started`) and again when it ends (`finished`). After a restart, a
-//! key still `started` is reported `Uncertain` and never run again: the agent cannot know whether
-//! the script ran. A key reused for a different request is a conflict, never a replay.
+//! Each transition of a key is one JSON line appended to `idempotency/idempotency.log` and synced
+//! to disk *before* the script starts (`started`) and again when it ends (`finished`); the last
+//! line of a key wins (see [`crate::store_log`]). After a restart, a key still `started` is
+//! reported `Uncertain` and never run again: the agent cannot know whether the script ran. A key
+//! reused for a different request is a conflict, never a replay.
+//!
+//! Earlier agents kept one file per key (`<sha256(key)>.json`); such files are still read at
+//! start, before the log, and never written. At start, a log holding more than
+//! [`COMPACT_AFTER`] lines and over 1.5 lines per key is rewritten with one line
+//! per key (atomically), so it does not grow without bound across restarts.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
-use tollgate_certs::files::{Overwrite, Visibility, write_atomic};
 use tollgate_protocol::agent::{ExecResult, IdempotencyStatus, OutputChunk};
 
 use crate::AgentError;
+use crate::store_log::Log;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,17 +98,13 @@ pub enum Begin {
     Conflict,
 }
 
+/// Lines a log may hold before it is worth compacting at start.
+pub const COMPACT_AFTER: usize = 4096;
+
 #[derive(Debug)]
 pub struct Store {
-    dir: PathBuf,
+    log: Mutex<Log>,
     slots: Mutex<HashMap<String, Slot>>,
-}
-
-fn file_for(dir: &Path, key: &str) -> PathBuf {
-    dir.join(format!(
-        "{}.json",
-        hex::encode(Sha256::digest(key.as_bytes()))
-    ))
 }
 
 fn now_ms() -> u64 {
@@ -114,52 +115,87 @@ fn now_ms() -> u64 {
 }
 
 impl Store {
-    /// Opens (creating) the store and loads every record.
+    /// Opens (creating) the store and loads every record: the legacy per-key files, then the log.
     pub fn open(dir: &Path) -> Result<Store, AgentError> {
         std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
-        let mut slots = HashMap::new();
+        let mut records: HashMap<String, Record> = HashMap::new();
         for entry in std::fs::read_dir(dir).map_err(|e| AgentError::io(dir, e))? {
             let path = entry.map_err(|e| AgentError::io(dir, e))?.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue; // temporary files of an interrupted write
+                continue; // the log, or temporary files of an interrupted write
             }
             let bytes = std::fs::read(&path).map_err(|e| AgentError::io(&path, e))?;
             let record: Record = serde_json::from_slice(&bytes).map_err(|e| AgentError::Store {
                 path: path.clone(),
                 reason: format!("unreadable record: {e}"),
             })?;
-            let slot = match record.state {
-                RecordState::Started { .. } => {
-                    tracing::warn!(key = %record.key, "execution was in progress when the agent stopped: uncertain");
-                    Slot::Uncertain {
-                        request_hash: record.request_hash,
-                    }
-                }
-                RecordState::Finished { result } => Slot::Finished {
-                    request_hash: record.request_hash,
-                    result,
-                },
-            };
-            slots.insert(record.key, slot);
+            records.insert(record.key.clone(), record);
         }
+        let opened = Log::open(dir)?;
+        let mut log = opened.log;
+        if opened.torn_bytes > 0 {
+            tracing::warn!(
+                path = %log.path().display(),
+                bytes = opened.torn_bytes,
+                "cut off a torn last record (the agent stopped while writing it; it was never durable)"
+            );
+        }
+        let line_count = opened.lines.len();
+        for (i, line) in opened.lines.iter().enumerate() {
+            let record: Record = serde_json::from_slice(line).map_err(|e| AgentError::Store {
+                path: log.path().to_path_buf(),
+                reason: format!("line {}: unreadable record: {e}", i + 1),
+            })?;
+            records.insert(record.key.clone(), record);
+        }
+        if line_count > COMPACT_AFTER && line_count > records.len() + records.len() / 2 {
+            let mut lines = records
+                .values()
+                .map(serde_json::to_vec)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| AgentError::Store {
+                    path: log.path().to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+            lines.sort();
+            log.rewrite(&lines)?;
+            tracing::info!(
+                from = line_count,
+                to = lines.len(),
+                "compacted the idempotency log"
+            );
+        }
+        let slots = records
+            .into_values()
+            .map(|record| {
+                let slot = match record.state {
+                    RecordState::Started { .. } => {
+                        tracing::warn!(key = %record.key, "execution was in progress when the agent stopped: uncertain");
+                        Slot::Uncertain {
+                            request_hash: record.request_hash,
+                        }
+                    }
+                    RecordState::Finished { result } => Slot::Finished {
+                        request_hash: record.request_hash,
+                        result,
+                    },
+                };
+                (record.key, slot)
+            })
+            .collect();
         Ok(Store {
-            dir: dir.to_path_buf(),
+            log: Mutex::new(log),
             slots: Mutex::new(slots),
         })
     }
 
     fn write(&self, record: &Record) -> Result<(), AgentError> {
-        let path = file_for(&self.dir, &record.key);
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = serde_json::to_vec(record).map_err(|e| AgentError::Store {
-            path: path.clone(),
+            path: log.path().to_path_buf(),
             reason: e.to_string(),
         })?;
-        write_atomic(&path, &bytes, Visibility::Private, Overwrite::Replace).map_err(|e| {
-            AgentError::Store {
-                path,
-                reason: e.to_string(),
-            }
-        })
+        log.append(&bytes)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
@@ -323,6 +359,113 @@ mod tests {
         assert_eq!(store.query("k2"), IdempotencyStatus::Uncertain);
         assert!(matches!(store.begin("k2", "h").unwrap(), Begin::Uncertain));
         assert_eq!(store.query("k3"), IdempotencyStatus::NotFound);
+    }
+
+    fn log_text(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join(crate::store_log::FILE)).unwrap()
+    }
+
+    #[test]
+    fn a_torn_finished_record_leaves_the_key_uncertain() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let Begin::Fresh(t) = store.begin("k1", "h").unwrap() else {
+            panic!("fresh")
+        };
+        store.finish(t, result("k1")).unwrap();
+        drop(store);
+        // The agent died while writing the `finished` line: only part of it reached the disk.
+        let text = log_text(dir.path());
+        let cut = text.trim_end().rfind('\n').unwrap() + 1 + 20;
+        std::fs::write(dir.path().join(crate::store_log::FILE), &text[..cut]).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.query("k1"), IdempotencyStatus::Uncertain);
+        assert!(matches!(store.begin("k1", "h").unwrap(), Begin::Uncertain));
+        assert!(log_text(dir.path()).ends_with('\n'), "torn tail cut off");
+    }
+
+    #[test]
+    fn a_corrupt_log_line_is_a_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let Begin::Fresh(t) = store.begin("k1", "h").unwrap() else {
+            panic!("fresh")
+        };
+        store.finish(t, result("k1")).unwrap();
+        drop(store);
+        let text = log_text(dir.path()).replacen("k1", "k1\"", 1);
+        std::fs::write(dir.path().join(crate::store_log::FILE), text).unwrap();
+        let e = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("idempotency.log") && e.contains("line 1") && e.contains("unreadable"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn legacy_per_key_files_are_read_and_the_log_overrides_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Record {
+            key: "old".into(),
+            request_hash: "h".into(),
+            state: RecordState::Started { at_ms: 1 },
+        };
+        let finished = Record {
+            key: "done".into(),
+            request_hash: "h".into(),
+            state: RecordState::Finished {
+                result: result("done"),
+            },
+        };
+        for (name, r) in [("a.json", &started), ("b.json", &finished)] {
+            std::fs::write(dir.path().join(name), serde_json::to_vec(r).unwrap()).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.query("old"), IdempotencyStatus::Uncertain);
+        assert!(matches!(
+            store.query("done"),
+            IdempotencyStatus::Finished(_)
+        ));
+        assert!(matches!(
+            store.begin("done", "other").unwrap(),
+            Begin::Conflict
+        ));
+    }
+
+    #[test]
+    fn a_long_log_is_compacted_at_start_without_changing_any_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let keys = COMPACT_AFTER / 2 + 1;
+        for i in 0..keys {
+            let k = format!("k{i}");
+            let Begin::Fresh(t) = store.begin(&k, "h").unwrap() else {
+                panic!("fresh")
+            };
+            store.finish(t, result(&k)).unwrap();
+        }
+        let Begin::Fresh(_left) = store.begin("running", "h").unwrap() else {
+            panic!("fresh")
+        };
+        drop(store);
+        assert_eq!(log_text(dir.path()).lines().count(), 2 * keys + 1);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            log_text(dir.path()).lines().count(),
+            keys + 1,
+            "one line per key"
+        );
+        for i in 0..keys {
+            assert!(matches!(
+                store.query(&format!("k{i}")),
+                IdempotencyStatus::Finished(_)
+            ));
+        }
+        assert_eq!(store.query("running"), IdempotencyStatus::Uncertain);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.query("running"), IdempotencyStatus::Uncertain);
+        assert!(matches!(store.query("k0"), IdempotencyStatus::Finished(_)));
     }
 
     #[test]
