@@ -15,7 +15,10 @@
 #   agent_footprint  stripped agent binary size and idle RSS (tests/benches/agent_footprint.rs)
 # Honours CARGO_TARGET_DIR. The table is always written to $TARGET/bench-results/performance.md.
 # Exits non-zero if any piece failed to run (the others still run).
-# Knobs: BENCH_REPS, ANSIBLE_REPS, FANOUT_HOSTS, FANOUT_COORDINATOR_EXTRA.
+#   scale            (full mode) the fan-out again at FANOUT_SCALE host counts, to find where the
+#                    coordinator stops scaling; a count that fails is a finding, not a bench failure
+# Knobs: BENCH_REPS, ANSIBLE_REPS, FANOUT_HOSTS, FANOUT_SCALE (default "2000 5000" in full mode,
+# empty in --quick), FANOUT_COORDINATOR_EXTRA.
 set -uo pipefail
 
 QUICK=0
@@ -34,9 +37,9 @@ case $TARGET in /*) ;; *) TARGET=$ROOT/$TARGET ;; esac
 OUT=$TARGET/bench-results
 mkdir -p "$OUT"
 if [ $QUICK = 1 ]; then
-    : "${BENCH_REPS:=1}" "${ANSIBLE_REPS:=1}" "${FANOUT_HOSTS:=100}"
+    : "${BENCH_REPS:=1}" "${ANSIBLE_REPS:=1}" "${FANOUT_HOSTS:=100}" "${FANOUT_SCALE=}"
 else
-    : "${BENCH_REPS:=5}" "${ANSIBLE_REPS:=5}" "${FANOUT_HOSTS:=1000}"
+    : "${BENCH_REPS:=5}" "${ANSIBLE_REPS:=5}" "${FANOUT_HOSTS:=1000}" "${FANOUT_SCALE=2000 5000}"
 fi
 export BENCH_REPS FANOUT_HOSTS
 export FANOUT_COORDINATOR_EXTRA=${FANOUT_COORDINATOR_EXTRA:-}
@@ -69,6 +72,12 @@ else
     run ansible bash bench/ansible.sh "$ANSIBLE_REPS"
 fi
 run fanout cargo bench -p tollgate-tests --bench fanout
+for n in $FANOUT_SCALE; do
+    # Keys renamed (fanout_* -> scale_N_*) so they do not mix with the main fan-out's.
+    echo "== scale: fan-out over $n simulated agents" >&2
+    FANOUT_HOSTS=$n cargo bench -p tollgate-tests --bench fanout 2>&1 \
+        | sed "s/^RESULT fanout_/RESULT scale_${n}_/" | tee "$OUT/scale_$n.log" || true
+done
 run agent_footprint cargo bench -p tollgate-tests --bench agent_footprint
 
 # get KEY: the value of `RESULT KEY=VALUE` from any log, or "n/a".
@@ -140,6 +149,17 @@ elapsed=$(($(date +%s) - started))
     done
     echo "| agent stripped binary | $agent_mb MB | < 15 MB | $(verdict "$agent_mb" "<" 15) |"
     echo "| agent idle RSS | $agent_rss MB | < 15 MB | $(verdict "$agent_rss" "<" 15) |"
+    if [ -n "${FANOUT_SCALE// /}" ]; then
+        echo
+        echo "Where the coordinator stops scaling (same fan-out, more simulated agents; the simulator shares the machine's cores with the coordinator):"
+        echo
+        echo "| agents | first deploy (cold): outcome, failed probes, in | cold p50 / p99 | second deploy (warm): outcome, in | warm p50 / p99 | coordinator CPU cold / warm | coordinator peak RSS |"
+        echo "|---|---|---|---|---|---|---|"
+        for n in $(get fanout_hosts) $FANOUT_SCALE; do
+            if [ "$n" = "$(get fanout_hosts)" ]; then p=fanout; else p=scale_${n}; fi
+            echo "| $n | $(get ${p}_cold_outcome), failed: $(get ${p}_cold_probe_failures), $(get ${p}_cold_deploy_s) s | $(get ${p}_cold_p50_ms) / $(get ${p}_cold_p99_ms) ms | $(get ${p}_warm_outcome), $(get ${p}_warm_deploy_s) s | $(get ${p}_warm_p50_ms) / $(get ${p}_warm_p99_ms) ms | $(get ${p}_cold_serve_cpu_ms) / $(get ${p}_warm_serve_cpu_ms) ms | $(get ${p}_warm_rss_peak_mb) MB |"
+        done
+    fi
     echo
     echo "Per step per host divides the overhead by hosts x steps; the 5 hosts run each step at the same time, so a round of steps takes the \"per step round\" figure of wall time. The 1-host rows involve no such division."
     echo
@@ -149,7 +169,7 @@ elapsed=$(($(date +%s) - started))
     echo
     echo "- Pipeline: \`cargo bench -p tollgate-tests --bench pipeline\`: real \`tollgate-agent\` processes on 127.0.0.x (5 hosts, then 1 host in a second lab), a real \`tollgate serve\`, mutual TLS over QUIC, every timeline event fsynced. *End to end* is the wall time of one \`tollgate deploy\` / \`tollgate execute\` CLI invocation: it includes starting the CLI process and the work the agents do, since each step (the script \`true\`) and each probe (a script that prints the host's facts) is a process the agent starts, about 2 ms each on this machine. *Baseline* is that work without Tollgate, timed right after each end-to-end run so both see the same machine load: one \`tollgate --version\` process, then one worker per host, all at once (as the agents run at once), each starting one after another as many processes as that host's agent ran in the run (counted in its \`timeline.jsonl\`: \`probe_reported\` + \`check_reported\` + \`step_reported\`), the way \`agent/src/exec.rs\` starts a script (script file, \`sh FILE\` in its own process group, stdout and stderr piped and read to the end, wait). *Orchestration overhead* is the median over the repetitions of (end to end - baseline): the CLI's connection, the coordinator, QUIC + mTLS, the fsynced journal, the agents' idempotency store. Per step per host divides it by hosts x steps (5 x 20); per step round divides it by steps (20)."
     echo "- Ansible: \`bench/ansible.sh\`, wall time of one \`ansible-playbook\` run."
-    echo "- Fan-out: \`cargo bench -p tollgate-tests --bench fanout\`: \`tollgate-sim-agents\` serves N agents in one process (own certificate \`spiffe://test/agent/simNNNN\` and own QUIC endpoint on 127.0.0.1 each; canned probe and execute answers), a real \`tollgate serve\` has them all in its inventory; quick \`tollgate deploy\` with one no-op step per host. Latency per host = \`probe_reported\` (that host) minus \`probe_requested\` \`at_ms\` in \`timeline.jsonl\`, i.e. until the answer is journaled and fsynced; \"on the wire\" is when the simulator wrote the answer. RSS is \`VmHWM\` of the serve process after the deploy. Two deploys run back to back: the first dials every agent (\`CONNECT_TIMEOUT\`, 5 s, is fixed in the coordinator), the second reuses the links."
+    echo "- Fan-out: \`cargo bench -p tollgate-tests --bench fanout\`: \`tollgate-sim-agents\` serves N agents in one process (own certificate \`spiffe://test/agent/simNNNN\` and own QUIC endpoint on 127.0.0.1 each; canned probe and execute answers), a real \`tollgate serve\` has them all in its inventory; quick \`tollgate deploy\` with one no-op step per host. Latency per host = \`probe_reported\` (that host) minus \`probe_requested\` \`at_ms\` in \`timeline.jsonl\`, i.e. until the answer is journaled and fsynced; \"on the wire\" is when the simulator wrote the answer. RSS is \`VmHWM\` of the serve process after the deploy. Two deploys run back to back: the first dials every agent (at most 64 handshakes at once, each with a 5 s connect timeout that starts when it gets its slot), the second reuses the links. Coordinator CPU is user + system time of the serve process during the deploy (\`/proc/PID/stat\`)."
     echo "- Agent: \`cargo bench -p tollgate-tests --bench agent_footprint\`: \`strip\` on a copy of \`target/release/tollgate-agent\`; \`VmRSS\` of an agent started with a config, after its \"listening\" line and 1 s idle."
 } > "$OUT/performance.md"
 

@@ -111,6 +111,8 @@ pub struct RunActor {
     /// Inputs that arrived since the machine last ran; fed together (group commit).
     pending: Vec<Input>,
     flush_scheduled: bool,
+    /// Whether the coordinator has had the full host-state map once.
+    states_sent: bool,
 }
 
 impl std::fmt::Debug for RunActor {
@@ -139,6 +141,7 @@ impl RunActor {
             check_seq: 0,
             pending: Vec::new(),
             flush_scheduled: false,
+            states_sent: false,
         }
     }
 
@@ -283,9 +286,24 @@ impl RunActor {
                 _ => {}
             }
         }
-        self.deps.notices.do_send(RunNotice::HostStates {
-            states: self.machine.host_states().clone(),
-        });
+        // The whole map once, then only the hosts whose state changed in this batch: sending
+        // every host on every batch made a run of N hosts cost O(N^2) in the coordinator.
+        let all = self.machine.host_states();
+        let states = if self.states_sent {
+            events
+                .iter()
+                .filter(|ev| ev.kind == EventKind::HostStateChanged)
+                .filter_map(|ev| ev.host.as_ref())
+                .filter_map(|h| all.get_key_value(h))
+                .map(|(h, s)| (h.clone(), *s))
+                .collect()
+        } else {
+            all.clone()
+        };
+        self.states_sent = true;
+        if !states.is_empty() {
+            self.deps.notices.do_send(RunNotice::HostStates { states });
+        }
     }
 
     fn report(

@@ -76,29 +76,26 @@ impl Execution {
             let Some(tasks) = self.tasks() else {
                 return Next::Stay;
             };
-            let active = tasks
-                .values()
-                .filter(|t| !matches!(t.status, Status::Queued | Status::Done(_)))
-                .count();
-            if active >= max {
-                break;
+            // One pass: hosts in progress, and the first one still queued.
+            let mut active = 0usize;
+            let mut next = None;
+            for (host, task) in tasks {
+                match task.status {
+                    Status::Done(_) => {}
+                    Status::Queued => {
+                        if next.is_none() {
+                            next = Some(host);
+                        }
+                    }
+                    _ => active += 1,
+                }
             }
-            let Some(next) = tasks
-                .iter()
-                .find(|(_, t)| t.status == Status::Queued)
-                .map(|(h, _)| h.clone())
-            else {
-                break;
-            };
-            self.advance(ctx, out, &next);
-        }
-        let all_done = self
-            .tasks()
-            .is_some_and(|t| t.values().all(|t| matches!(t.status, Status::Done(_))));
-        if all_done {
-            self.end_phase(ctx, out)
-        } else {
-            Next::Stay
+            match next.cloned() {
+                Some(host) if active < max => self.advance(ctx, out, &host),
+                // Nothing queued and nothing in progress: every host is done.
+                None if active == 0 => return self.end_phase(ctx, out),
+                _ => return Next::Stay,
+            }
         }
     }
 
