@@ -685,6 +685,43 @@ fn a_failed_host_stops_later_phases_everywhere() {
 }
 
 #[test]
+fn after_a_failure_only_hosts_with_no_later_steps_count_as_succeeded() {
+    // db1 runs only `install`; web1 and web2 also have `start-web` in the next phase.
+    let mut run = Run::new(Action::Deploy, Mode::Quick, &[]);
+    run.start_and_probe();
+    let not_done = |h: &str| Input::CheckAnswered {
+        host: h.into(),
+        step_id: "install".into(),
+        answer: CheckAnswer::NotInDesiredState,
+    };
+    let db1 = dispatches(&run.step(not_done("db1")));
+    let web1 = dispatches(&run.step(not_done("web1")));
+    let e = run.succeed(&db1[0]);
+    assert_eq!(checks(&e), vec![("web2".into(), "install".into())]);
+    let web2 = dispatches(&run.step(not_done("web2")));
+    run.answer(
+        &web1[0],
+        StepResult::Permanent {
+            reason: ReasonCode::NonZeroExit,
+            exit_code: Some(1),
+        },
+    );
+    let r = finish(&run.succeed(&web2[0])).expect("finished");
+    assert_eq!(
+        r.outcome,
+        TypedOutcome::PartialSuccess {
+            succeeded: vec!["db1".into()],
+            failed: vec!["web1".into()],
+        }
+    );
+    assert_eq!(host_outcome(&r, "db1"), TypedOutcome::Completed);
+    assert!(
+        matches!(host_outcome(&r, "web2"), TypedOutcome::PolicyBlocked { .. }),
+        "web2 still had `start-web` to run"
+    );
+}
+
+#[test]
 fn a_failed_preflight_probe_stops_everything_with_its_typed_outcome() {
     let mut run = Run::new(Action::Deploy, Mode::Quick, &[]);
     run.step(Input::Start);

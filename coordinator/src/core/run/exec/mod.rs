@@ -398,11 +398,15 @@ impl Execution {
                 )
             })
             .collect();
+        // Hosts with steps in a later phase, gathered once (not once per host).
+        let later: BTreeSet<&str> = (self.phase + 1..self.plan.phases().len())
+            .flat_map(|p| self.plan.phase_hosts(p))
+            .collect();
         let succeeded: Vec<String> = self
             .plan
             .host_names()
             .into_iter()
-            .filter(|h| !ctx.ends.contains_key(h) && !self.has_steps_after(h, self.phase))
+            .filter(|h| !ctx.ends.contains_key(h) && !later.contains(h.as_str()))
             .collect();
         for h in &succeeded {
             ctx.ends.insert(
@@ -454,10 +458,6 @@ impl Execution {
             }
         };
         self.stop_with(ctx, out, end)
-    }
-
-    fn has_steps_after(&self, host: &str, phase: usize) -> bool {
-        (phase + 1..self.plan.phases().len()).any(|p| self.plan.phase_hosts(p).contains(host))
     }
 
     /// Ends the run with `end`; hosts without an end of their own share the run's.

@@ -1,7 +1,8 @@
 //! Steps on hosts: checks, dispatches, answers, retries and idempotency queries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
+use tollgate_protocol::Shell;
 use tollgate_protocol::outcome::ReasonCode;
 
 use super::{Execution, Failure, MAX_QUERIES, Next, Part, Status, Task};
@@ -17,18 +18,50 @@ use crate::core::run::io::{
 use crate::core::run::{Ctx, Out, RunError};
 use crate::core::timeline::{EventKind, Verdict};
 
+/// The step a host is at: its planned step without the step's host list. Answers look it up
+/// once each; cloning the whole list there made a run over N hosts cost O(N^2).
+#[derive(Debug, Clone)]
+pub(super) struct CurrentStep {
+    pub id: String,
+    pub shell: Shell,
+    pub script: String,
+    pub check: Option<String>,
+    pub destructive: bool,
+    pub timeout_ms: u64,
+    pub retries: u32,
+}
+
+impl CurrentStep {
+    fn of(step: &PlannedStep) -> Self {
+        CurrentStep {
+            id: step.id.clone(),
+            shell: step.shell,
+            script: step.script.clone(),
+            check: step.check.clone(),
+            destructive: step.destructive,
+            timeout_ms: step.timeout_ms,
+            retries: step.retries,
+        }
+    }
+}
+
 impl Execution {
     pub(super) fn start_steps(&mut self, ctx: &mut Ctx, out: &mut Out) -> Next {
         let Some(phase) = self.plan.phases().get(self.phase) else {
             return self.complete(ctx, out);
         };
         let mut tasks = BTreeMap::new();
+        // Each step's hosts as a set: a lookup per (host, step), not a scan of the step's hosts.
+        let runs_on: Vec<HashSet<&str>> = phase
+            .steps
+            .iter()
+            .map(|s| s.hosts.iter().map(String::as_str).collect())
+            .collect();
         for host in self.plan.phase_hosts(self.phase) {
-            let steps: Vec<usize> = phase
-                .steps
+            let steps: Vec<usize> = runs_on
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.hosts.iter().any(|h| h == host))
+                .filter(|(_, hosts)| hosts.contains(host))
                 .map(|(i, _)| i)
                 .collect();
             tasks.insert(
@@ -55,7 +88,7 @@ impl Execution {
         self.tasks().and_then(|t| t.get_mut(host))
     }
 
-    pub(super) fn current_step(&self, host: &str) -> Option<PlannedStep> {
+    pub(super) fn current_step(&self, host: &str) -> Option<CurrentStep> {
         let Part::Steps { tasks } = &self.part else {
             return None;
         };
@@ -66,7 +99,7 @@ impl Execution {
             .get(self.phase)?
             .steps
             .get(index)
-            .cloned()
+            .map(CurrentStep::of)
     }
 
     /// Starts queued hosts while slots are free, then ends the phase if every host is done.
@@ -162,7 +195,7 @@ impl Execution {
         ctx: &mut Ctx,
         out: &mut Out,
         host: &str,
-        step: &PlannedStep,
+        step: &CurrentStep,
         attempt: u32,
         key: String,
         resent: bool,
@@ -357,7 +390,7 @@ impl Execution {
         ctx: &mut Ctx,
         out: &mut Out,
         host: &str,
-        step: &PlannedStep,
+        step: &CurrentStep,
         attempt: u32,
         key: String,
         resent: bool,
