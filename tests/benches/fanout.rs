@@ -7,7 +7,8 @@
 //! the simulator's side (until the answer was written on the wire), and the coordinator's peak
 //! RSS (`VmHWM` of the serve process). Asserts nothing about time.
 //!
-//! `FANOUT_HOSTS` (default 1000) sets the host count; `FANOUT_COORDINATOR_EXTRA` is appended
+//! `FANOUT_HOSTS` (default 1000) sets the host count; `FANOUT_SERVE_WRAP` prefixes the serve
+//! command (a profiler); `FANOUT_COORDINATOR_EXTRA` is appended
 //! to `coordinator.toml` (e.g. `[probe]\ntimeout = "30s"`). Lines starting `RESULT ` are for
 //! `bench/run.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -188,7 +189,21 @@ async fn run(pki: &TestPki, hosts: usize, extra: &str) -> anyhow::Result<()> {
         )?,
     )?;
     let serve_log = std::fs::File::create(root.join("serve.log"))?;
-    let mut serve = Command::new(bins::path("tollgate")?)
+    // FANOUT_SERVE_WRAP (e.g. `heaptrack -o /tmp/serve`) runs the coordinator under a profiler.
+    let wrap: Vec<String> = std::env::var("FANOUT_SERVE_WRAP")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let mut serve = match wrap.split_first() {
+        Some((tool, args)) => {
+            let mut c = Command::new(tool);
+            c.args(args).arg(bins::path("tollgate")?);
+            c
+        }
+        None => Command::new(bins::path("tollgate")?),
+    };
+    let mut serve = serve
         .arg("serve")
         .arg("--config")
         .arg(&config)
