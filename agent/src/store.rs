@@ -101,10 +101,48 @@ pub enum Begin {
 /// Lines a log may hold before it is worth compacting at start.
 pub const COMPACT_AFTER: usize = 4096;
 
+/// Held (an exclusive OS file lock) for as long as the store is open: one agent per store.
+pub const LOCK_FILE: &str = "idempotency.lock";
+
+/// A `*.json` file that is deliberately not a record: an older agent (which read only per-key
+/// `*.json` files and would miss every key in the log) refuses to start on it instead of
+/// answering `NotFound` for keys that ran.
+pub const FORMAT_MARKER: &str = "FORMAT-idempotency-log.json";
+const FORMAT_MARKER_TEXT: &[u8] =
+    b"{\"format\": \"idempotency.log, one JSON record per line; read by tollgate-agent 0.1 and later\"}\n";
+
 #[derive(Debug)]
 pub struct Store {
     log: Mutex<Log>,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Keeps the exclusive lock.
+    _lock: std::fs::File,
+}
+
+/// Takes the store's exclusive lock, or says who has it.
+fn lock_store(dir: &Path) -> Result<std::fs::File, AgentError> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| AgentError::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Store {
+            path,
+            reason:
+                "another tollgate-agent is using this state_dir (its idempotency store is locked); \
+                     two agents on one store could run a step twice"
+                    .into(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(AgentError::Store {
+            path,
+            reason: format!("cannot lock the idempotency store: {e}"),
+        }),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -118,11 +156,27 @@ impl Store {
     /// Opens (creating) the store and loads every record: the legacy per-key files, then the log.
     pub fn open(dir: &Path) -> Result<Store, AgentError> {
         std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
+        // Before reading or changing anything: a second agent must not cut or compact the log
+        // under a running one.
+        let lock = lock_store(dir)?;
+        let marker = dir.join(FORMAT_MARKER);
+        if !marker.exists() {
+            tollgate_certs::files::write_atomic(
+                &marker,
+                FORMAT_MARKER_TEXT,
+                tollgate_certs::files::Visibility::Private,
+                tollgate_certs::files::Overwrite::Replace,
+            )
+            .map_err(|e| AgentError::Store {
+                path: marker.clone(),
+                reason: e.to_string(),
+            })?;
+        }
         let mut records: HashMap<String, Record> = HashMap::new();
         for entry in std::fs::read_dir(dir).map_err(|e| AgentError::io(dir, e))? {
             let path = entry.map_err(|e| AgentError::io(dir, e))?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue; // the log, or temporary files of an interrupted write
+            if path.extension().and_then(|e| e.to_str()) != Some("json") || path == marker {
+                continue; // the log, the lock, the marker, or temporary files of a write
             }
             let bytes = std::fs::read(&path).map_err(|e| AgentError::io(&path, e))?;
             let record: Record = serde_json::from_slice(&bytes).map_err(|e| AgentError::Store {
@@ -132,7 +186,7 @@ impl Store {
             records.insert(record.key.clone(), record);
         }
         let opened = Log::open(dir)?;
-        let mut log = opened.log;
+        let log = opened.log;
         if opened.torn_bytes > 0 {
             tracing::warn!(
                 path = %log.path().display(),
@@ -148,7 +202,7 @@ impl Store {
             })?;
             records.insert(record.key.clone(), record);
         }
-        if line_count > COMPACT_AFTER && line_count > records.len() + records.len() / 2 {
+        let log = if line_count > COMPACT_AFTER && line_count > records.len() + records.len() / 2 {
             let mut lines = records
                 .values()
                 .map(serde_json::to_vec)
@@ -158,13 +212,16 @@ impl Store {
                     reason: e.to_string(),
                 })?;
             lines.sort();
-            log.rewrite(&lines)?;
+            let log = log.rewrite(dir, &lines)?;
             tracing::info!(
                 from = line_count,
                 to = lines.len(),
                 "compacted the idempotency log"
             );
-        }
+            log
+        } else {
+            log
+        };
         let slots = records
             .into_values()
             .map(|record| {
@@ -186,6 +243,7 @@ impl Store {
         Ok(Store {
             log: Mutex::new(log),
             slots: Mutex::new(slots),
+            _lock: lock,
         })
     }
 
@@ -466,6 +524,29 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.query("running"), IdempotencyStatus::Uncertain);
         assert!(matches!(store.query("k0"), IdempotencyStatus::Finished(_)));
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_directory_is_refused_while_the_first_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        let e = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("another tollgate-agent") && e.contains(LOCK_FILE),
+            "{e}"
+        );
+        drop(first);
+        Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn the_format_marker_is_not_a_record_so_older_agents_refuse_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let text = std::fs::read(dir.path().join(FORMAT_MARKER)).unwrap();
+        assert!(serde_json::from_slice::<Record>(&text).is_err());
+        // ... and this agent reads past it.
+        Store::open(dir.path()).unwrap();
     }
 
     #[test]

@@ -9,9 +9,12 @@
 //! nothing it described happened (a `started` record is durable before its script runs), and the
 //! tail is cut off before anything is appended. A failed append is cut off the same way; if that
 //! fails too, the log refuses every later write rather than append after a torn line.
+//!
+//! The file is opened for plain writing (not append mode) and every record is written at the
+//! end of the known-good prefix: Windows refuses to truncate a handle opened for appending.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::AgentError;
@@ -47,9 +50,9 @@ fn store_err(path: &Path, reason: impl std::fmt::Display) -> AgentError {
     }
 }
 
-fn open_append(path: &Path) -> std::io::Result<File> {
+fn open_rw(path: &Path) -> std::io::Result<File> {
     let mut o = OpenOptions::new();
-    o.read(true).append(true).create(true);
+    o.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -73,11 +76,9 @@ impl Log {
     /// Opens (creating) the log in `dir`, reads every complete line and cuts off a torn tail.
     pub fn open(dir: &Path) -> Result<Opened, AgentError> {
         let path = dir.join(FILE);
-        let existed = path.exists();
-        let mut file = open_append(&path).map_err(|e| store_err(&path, e))?;
-        if !existed {
-            sync_dir(dir).map_err(|e| store_err(dir, e))?;
-        }
+        let mut file = open_rw(&path).map_err(|e| store_err(&path, e))?;
+        // The file's name is durable before anything in it counts (cheap; every open).
+        sync_dir(dir).map_err(|e| store_err(dir, e))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| store_err(&path, e))?;
@@ -124,7 +125,8 @@ impl Log {
         buf.push(b'\n');
         let written = self
             .file
-            .write_all(&buf)
+            .seek(SeekFrom::Start(self.len))
+            .and_then(|_| self.file.write_all(&buf))
             .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
@@ -146,24 +148,24 @@ impl Log {
         }
     }
 
-    /// Replaces the whole log with `lines` (atomically: a new file renamed over the old one),
-    /// and reopens it for appending.
-    pub fn rewrite(&mut self, lines: &[Vec<u8>]) -> Result<(), AgentError> {
+    /// Replaces the whole log with `lines` (atomically: a new file renamed over the old one,
+    /// after this handle is closed) and opens it again.
+    pub fn rewrite(self, dir: &Path, lines: &[Vec<u8>]) -> Result<Log, AgentError> {
+        let path = self.path.clone();
+        drop(self);
         let mut content = Vec::new();
         for l in lines {
             content.extend_from_slice(l);
             content.push(b'\n');
         }
         tollgate_certs::files::write_atomic(
-            &self.path,
+            &path,
             &content,
             tollgate_certs::files::Visibility::Private,
             tollgate_certs::files::Overwrite::Replace,
         )
-        .map_err(|e| store_err(&self.path, e))?;
-        self.file = open_append(&self.path).map_err(|e| store_err(&self.path, e))?;
-        self.len = content.len() as u64;
-        Ok(())
+        .map_err(|e| store_err(&path, e))?;
+        Ok(Log::open(dir)?.log)
     }
 }
 
@@ -216,9 +218,9 @@ mod tests {
         for i in 0..5 {
             o.log.append(format!("l{i}").as_bytes()).unwrap();
         }
-        o.log.rewrite(&[b"only".to_vec()]).unwrap();
-        o.log.append(b"after").unwrap();
-        drop(o);
+        let mut log = o.log.rewrite(dir.path(), &[b"only".to_vec()]).unwrap();
+        log.append(b"after").unwrap();
+        drop(log);
         assert_eq!(
             Log::open(dir.path()).unwrap().lines,
             vec![b"only".to_vec(), b"after".to_vec()]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tollgate_certs::{Role, SpiffeId};
 use tollgate_coordinator::transport::agent::{LinkError, UDP_BUFFER_BYTES};
-use tollgate_tests::fleet::TestPki;
+use tollgate_tests::fleet::{AgentOptions, AgentProcess, TestPki};
 
 #[cfg(target_os = "linux")]
 #[tokio::test]
@@ -33,7 +33,10 @@ async fn socket_buffers_are_raised_as_far_as_the_system_allows() {
 #[tokio::test]
 async fn handshakes_wait_for_a_slot_and_the_timeout_starts_with_it() {
     let pki = TestPki::new().unwrap();
-    let connector = pki.coordinator().unwrap().with_handshake_limit(2);
+    let connector = pki
+        .coordinator()
+        .unwrap()
+        .with_handshake_limit(2, Duration::from_secs(60));
     // Three peers that never answer: every handshake runs into its own timeout.
     let holes: Vec<std::net::UdpSocket> = (0..3)
         .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
@@ -66,4 +69,44 @@ async fn handshakes_wait_for_a_slot_and_the_timeout_starts_with_it() {
         timeout * 2
     );
     assert!(results[0].1 >= timeout && results[1].1 >= timeout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_host_gives_its_slot_back_so_a_live_one_behind_it_connects() {
+    let pki = TestPki::new().unwrap();
+    let agent = AgentProcess::start(&pki, &AgentOptions::new("web1", 41))
+        .await
+        .unwrap();
+    let connector = pki
+        .coordinator()
+        .unwrap()
+        .with_handshake_limit(1, Duration::from_millis(200));
+    // A dead host takes the only slot first, with a long connect timeout of its own.
+    let hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead = {
+        let (c, addr) = (connector.clone(), hole.local_addr().unwrap());
+        let id = SpiffeId::agent("test", "gone").unwrap();
+        tokio::spawn(async move { c.connect(addr, &id, Duration::from_secs(30)).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while connector.free_handshake_slots() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the dead host's dial never took the slot");
+    // Without the lease, the live agent would wait the dead host's 30 s out.
+    let live = tokio::time::timeout(
+        Duration::from_secs(15),
+        connector.connect(agent.addr, &agent.id, Duration::from_secs(10)),
+    )
+    .await
+    .expect("the live agent waited behind a silent host")
+    .expect("the live agent connects");
+    assert_eq!(live.peer(), &agent.id);
+    assert!(
+        !dead.is_finished(),
+        "the dead host's own timeout still runs"
+    );
+    dead.abort();
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tollgate_certs::quic::{self, QuicTimeouts};
 use tollgate_certs::{RejectionLog, SpiffeId, TlsIdentity, TrustStore};
 use tollgate_protocol::agent::{
@@ -78,6 +78,10 @@ pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 /// quickly. A dial waits for a slot before its own connect timeout starts.
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 64;
 
+/// The longest a handshake keeps its slot. Live agents on a LAN finish well within it; a silent
+/// (dead, partitioned) host gives its slot back after it, while its own connect timeout runs on.
+pub const HANDSHAKE_SLOT_LEASE: Duration = Duration::from_millis(500);
+
 /// The coordinator's side of every agent connection: one QUIC endpoint, one identity.
 #[derive(Debug, Clone)]
 pub struct AgentConnector {
@@ -87,6 +91,7 @@ pub struct AgentConnector {
     log: RejectionLog,
     timeouts: QuicTimeouts,
     handshakes: Arc<Semaphore>,
+    slot_lease: Duration,
     buffers: SocketBuffers,
     pub limits: FrameLimits,
 }
@@ -153,15 +158,23 @@ impl AgentConnector {
             log: RejectionLog::new(),
             timeouts: QuicTimeouts::default(),
             handshakes: Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES)),
+            slot_lease: HANDSHAKE_SLOT_LEASE,
             buffers,
             limits: FrameLimits::DEFAULT,
         })
     }
 
-    /// The same connector with at most `n` handshakes at once (at least one).
-    pub fn with_handshake_limit(mut self, n: usize) -> Self {
+    /// The same connector with at most `n` handshakes at once (at least one), each keeping its
+    /// slot for at most `lease`.
+    pub fn with_handshake_limit(mut self, n: usize, lease: Duration) -> Self {
         self.handshakes = Arc::new(Semaphore::new(n.max(1)));
+        self.slot_lease = lease;
         self
+    }
+
+    /// Handshake slots free right now (for diagnostics and tests).
+    pub fn free_handshake_slots(&self) -> usize {
+        self.handshakes.available_permits()
     }
 
     /// The socket buffers the system granted (for diagnostics and tests).
@@ -175,7 +188,8 @@ impl AgentConnector {
     }
 
     /// Connects to `addr`, requiring its certificate to be `expected`, and says `Hello`. Waits
-    /// for one of the [`MAX_CONCURRENT_HANDSHAKES`] slots first; `timeout` starts once it has one.
+    /// for one of the [`MAX_CONCURRENT_HANDSHAKES`] slots first; `timeout` starts once it has one,
+    /// and the slot is held until the handshake ends or [`HANDSHAKE_SLOT_LEASE`] passes.
     pub async fn connect(
         &self,
         addr: SocketAddr,
@@ -183,9 +197,10 @@ impl AgentConnector {
         timeout: Duration,
     ) -> Result<AgentLink, LinkError> {
         let unreachable = |detail: String| LinkError::Unreachable { addr, detail };
-        let _slot = self
+        let slot = self
             .handshakes
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let cfg = quic::client_config(
@@ -197,11 +212,15 @@ impl AgentConnector {
             self.timeouts,
         )
         .map_err(|e| unreachable(e.to_string()))?;
+        let lease = self.slot_lease;
         let attempt = async {
-            let conn = self
+            let connecting = self
                 .endpoint
                 .connect_with(cfg, addr, &expected.server_name())
-                .map_err(|e| unreachable(chain(&e)))?
+                .map_err(|e| unreachable(chain(&e)))?;
+            // The slot is given back when the QUIC + TLS handshake ends, or after its lease if
+            // the peer is silent: a dead host must not keep live ones waiting for seconds.
+            let conn = hold_for(slot, lease, connecting)
                 .await
                 .map_err(|e| unreachable(chain(&e)))?;
             let link = AgentLink {
@@ -233,6 +252,23 @@ impl AgentConnector {
         tokio::time::timeout(timeout, attempt)
             .await
             .map_err(|_| LinkError::Timeout(timeout))?
+    }
+}
+
+/// Awaits `fut` holding `slot` until it completes or `lease` passes, whichever comes first.
+async fn hold_for<F: std::future::Future>(
+    slot: OwnedSemaphorePermit,
+    lease: Duration,
+    fut: F,
+) -> F::Output {
+    let mut slot = Some(slot);
+    let mut fut = std::pin::pin!(fut);
+    let mut expiry = std::pin::pin!(tokio::time::sleep(lease));
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            () = &mut expiry, if slot.is_some() => slot = None,
+        }
     }
 }
 
