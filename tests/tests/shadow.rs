@@ -1,0 +1,147 @@
+//! Shadow mode (SPEC §8): the whole pipeline decides, records and answers as usual, and nothing
+//! is executed on any host. Steps append to marker files, so "nothing ran" is read from the hosts.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use tollgate_tests::lab::{CliOut, DEFAULT_HOSTS, Lab};
+
+/// The timeline of the run that answered `out`, one JSON value per line.
+fn timeline(lab: &Lab, out: &CliOut) -> Vec<serde_json::Value> {
+    let run = out.json()["run_id"].as_str().unwrap().to_string();
+    std::fs::read_to_string(lab.runs_dir().join(&run).join("timeline.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn summary(lab: &Lab, out: &CliOut) -> serde_json::Value {
+    let run = out.json()["run_id"].as_str().unwrap().to_string();
+    serde_json::from_slice(&std::fs::read(lab.runs_dir().join(&run).join("summary.json")).unwrap())
+        .unwrap()
+}
+
+fn count(events: &[serde_json::Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["kind"] == kind).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_deploy_decides_everything_and_runs_nothing() {
+    let lab = Lab::start(DEFAULT_HOSTS).await.unwrap();
+    let out = lab.cli("alice", &["deploy", "--shadow"]).await.unwrap();
+    assert_eq!(
+        (out.code, out.outcome().as_str()),
+        (0, "Completed"),
+        "{out:?}"
+    );
+    assert_eq!(
+        lab.ran_anywhere("prepare") + lab.ran_anywhere("install"),
+        0,
+        "a shadow run executes nothing"
+    );
+    let events = timeline(&lab, &out);
+    // Every host was really probed, and every step was decided and recorded as dispatched.
+    assert_eq!(count(&events, "probe_reported"), 3, "{events:#?}");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["kind"] == "probe_reported")
+            .all(|e| e["inputs"]["failure"].is_null()),
+        "{events:#?}"
+    );
+    assert_eq!(count(&events, "step_dispatched"), 6, "2 steps x 3 hosts");
+    assert_eq!(count(&events, "step_reported"), 6);
+    let s = summary(&lab, &out);
+    assert_eq!(s["shadow"], true, "{s}");
+    assert_eq!(lab.validate_summaries().unwrap(), 1);
+
+    // The same deploy for real runs each step once on each host: shadow left nothing behind
+    // that would make the real run skip or replay anything.
+    let out = lab.cli("alice", &["deploy"]).await.unwrap();
+    assert_eq!(out.outcome(), "Completed", "{out:?}");
+    for h in ["web1", "web2", "db1"] {
+        assert_eq!(
+            (lab.ran(h, "prepare"), lab.ran(h, "install")),
+            (1, 1),
+            "{h}"
+        );
+    }
+    assert_eq!(summary(&lab, &out)["shadow"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_teardown_still_needs_its_token_and_passes_its_barrier_without_destroying() {
+    let lab = Lab::start(DEFAULT_HOSTS).await.unwrap();
+    let submit = |run: String| {
+        let lab = &lab;
+        async move {
+            let args = [
+                "teardown",
+                "--mode",
+                "full",
+                "--hosts",
+                "web1,web2",
+                "--run",
+                &run,
+                "--shadow",
+            ];
+            lab.cli("alice", &args).await.unwrap()
+        }
+    };
+    // Without a token, a shadow run is blocked exactly like a real one.
+    let first = uuid::Uuid::new_v4().to_string();
+    let out = submit(first.clone()).await;
+    assert_eq!(out.outcome(), "ConfirmationRequired", "{out:?}");
+    let blocked = lab
+        .cli("alice", &["execute", &first, "--token", ""])
+        .await
+        .unwrap();
+    assert_eq!(
+        (blocked.outcome().as_str(), blocked.reason().as_str()),
+        ("PolicyBlocked", "TokenMissing"),
+        "{blocked:?}"
+    );
+
+    let run = uuid::Uuid::new_v4().to_string();
+    let out = submit(run.clone()).await;
+    assert_eq!(out.outcome(), "ConfirmationRequired", "{out:?}");
+    let hash = out.json()["outcome"]["ConfirmationRequired"]["operation_hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut token = None;
+    for who in ["alice", "bob"] {
+        let a = lab
+            .cli(who, &["approve", &run, "--operation-hash", &hash])
+            .await
+            .unwrap();
+        token = a.json()["token"].as_str().map(str::to_string).or(token);
+    }
+    let token = token.expect("two approvals issue a token");
+    let done = lab
+        .cli("alice", &["execute", &run, "--token", &token])
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.code, done.outcome().as_str()),
+        (0, "Completed"),
+        "{done:?}"
+    );
+    assert_eq!(
+        lab.ran_anywhere("drain") + lab.ran_anywhere("remove"),
+        0,
+        "nothing destructive (nothing at all) ran"
+    );
+    let events = timeline(&lab, &done);
+    let destructive: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "step_dispatched" && e["inputs"]["destructive"] == "true")
+        .collect();
+    assert_eq!(destructive.len(), 2, "remove on web1 and web2: {events:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "barrier_evaluated" && e["decision"] == "allow"),
+        "the barrier re-probed and decided: {events:#?}"
+    );
+    assert_eq!(summary(&lab, &done)["shadow"], true);
+}
