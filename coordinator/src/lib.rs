@@ -9,6 +9,7 @@
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod diff;
 pub mod explain;
 pub mod journal;
 pub mod lab;

@@ -110,8 +110,18 @@ enum PlanCommand {
 #[derive(Subcommand, Debug)]
 enum RunsCommand {
     List,
-    Show { run: Uuid },
-    Verify { run: Uuid },
+    Show {
+        run: Uuid,
+    },
+    Verify {
+        run: Uuid,
+    },
+    /// Do two runs take the same decisions (e.g. a shadow run against the real one)? Exit 0 at
+    /// parity, 6 when they differ, 5 when a timeline does not verify.
+    Diff {
+        a: Uuid,
+        b: Uuid,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -331,6 +341,18 @@ fn show(resp: CtlResponse, json: bool) -> u8 {
             }
             if v.ok { 0 } else { EXIT_TAMPERED }
         }
+        CtlResponse::Diff(d) => {
+            if json {
+                emit_json(&d)
+            } else {
+                print!("{}", render::diff(&d))
+            }
+            match (&d.problem, d.parity) {
+                (Some(_), _) => EXIT_TAMPERED,
+                (None, true) => 0,
+                (None, false) => render::EXIT_DIFFERENT,
+            }
+        }
         CtlResponse::Explanation { lines } => {
             if json {
                 emit_json(&lines)
@@ -394,6 +416,7 @@ fn request_for(cmd: Command) -> CtlRequest {
         Command::Runs(RunsCommand::List) => CtlRequest::RunsList,
         Command::Runs(RunsCommand::Show { run }) => CtlRequest::RunsShow { run_id: run },
         Command::Runs(RunsCommand::Verify { run }) => CtlRequest::RunsVerify { run_id: run },
+        Command::Runs(RunsCommand::Diff { a, b }) => CtlRequest::RunsDiff { a, b },
         Command::Explain { run } => CtlRequest::Explain { run_id: run },
         Command::Serve { .. } | Command::Certs(_) | Command::Demo { .. } => CtlRequest::Status,
     }

@@ -6,7 +6,8 @@
 //! | 2 | bad usage or configuration |
 //! | 3 | the coordinator could not be reached, or refused our certificate |
 //! | 4 | the coordinator refused the request (not authorized, unknown run, ...) |
-//! | 5 | `runs verify` found tampering |
+//! | 5 | `runs verify` (or `runs diff`) found tampering |
+//! | 6 | `runs diff`: the two runs took different decisions |
 //! | 10 | `EscalationRequired`: run the printed command |
 //! | 11 | `ConfirmationRequired`: an approver must approve the printed plan |
 //! | 12 | an approval was recorded; another approver is needed |
@@ -20,7 +21,7 @@
 use std::fmt::Write;
 
 use tollgate_protocol::ctl::{
-    Approval, HostStatus, ProgressEvent, ProgressKind, RunListEntry, VerifyReport,
+    Approval, DiffReport, HostStatus, ProgressEvent, ProgressKind, RunListEntry, VerifyReport,
 };
 use tollgate_protocol::outcome::{Outcome, OutcomeKind, PlanView, RunReport};
 
@@ -28,6 +29,7 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNREACHABLE: u8 = 3;
 pub const EXIT_REFUSED: u8 = 4;
 pub const EXIT_TAMPERED: u8 = 5;
+pub const EXIT_DIFFERENT: u8 = 6;
 pub const EXIT_APPROVAL_PENDING: u8 = 12;
 
 /// The exit status for an outcome.
@@ -201,6 +203,37 @@ pub fn verify(v: &VerifyReport) -> String {
             v.problem.as_deref().unwrap_or("unknown problem")
         )
     }
+}
+
+pub fn diff(d: &DiffReport) -> String {
+    let mut s = String::new();
+    if let Some(p) = &d.problem {
+        let _ = writeln!(s, "runs {} and {}: not compared: {p}", d.a, d.b);
+        return s;
+    }
+    if d.parity {
+        let _ = writeln!(
+            s,
+            "runs {} and {}: parity ({} decisions each, same per host and for the run)",
+            d.a, d.b, d.decisions_a
+        );
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "runs {} ({} decisions) and {} ({} decisions) DIFFER in {} scope(s):",
+        d.a,
+        d.decisions_a,
+        d.b,
+        d.decisions_b,
+        d.differences.len()
+    );
+    for x in &d.differences {
+        let _ = writeln!(s, "  {} decision {}:", x.scope, x.index);
+        let _ = writeln!(s, "    A: {}", x.a.as_deref().unwrap_or("(none)"));
+        let _ = writeln!(s, "    B: {}", x.b.as_deref().unwrap_or("(none)"));
+    }
+    s
 }
 
 /// One progress event as a short line.

@@ -56,6 +56,11 @@ pub enum CtlRequest {
     Explain {
         run_id: Uuid,
     },
+    /// Do two runs take the same decisions (a shadow run against the real one)?
+    RunsDiff {
+        a: Uuid,
+        b: Uuid,
+    },
 }
 
 /// One host's lifecycle as the coordinator sees it.
@@ -89,6 +94,30 @@ pub struct VerifyReport {
     pub events: u64,
     /// The first line (1-based) that fails, and why.
     pub first_bad_line: Option<u64>,
+    pub problem: Option<String>,
+}
+
+/// Where two runs part in one scope (a host, or `(run)`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionDifference {
+    pub scope: String,
+    /// 1-based position of the first differing decision in that scope.
+    pub index: u64,
+    pub a: Option<String>,
+    pub b: Option<String>,
+}
+
+/// The answer to `runs diff`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffReport {
+    pub a: Uuid,
+    pub b: Uuid,
+    /// Both timelines verify and every scope took the same decisions in the same order.
+    pub parity: bool,
+    pub decisions_a: u64,
+    pub decisions_b: u64,
+    pub differences: Vec<DecisionDifference>,
+    /// Set when a timeline does not verify: its decisions are not compared.
     pub problem: Option<String>,
 }
 
@@ -174,6 +203,7 @@ pub enum CtlResponse {
         json: String,
     },
     Verified(VerifyReport),
+    Diff(DiffReport),
     Explanation {
         lines: Vec<String>,
     },

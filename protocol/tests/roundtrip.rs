@@ -314,6 +314,7 @@ fn ctl_request() -> impl Strategy<Value = CtlRequest> {
         uuid().prop_map(|run_id| CtlRequest::RunsShow { run_id }),
         uuid().prop_map(|run_id| CtlRequest::RunsVerify { run_id }),
         uuid().prop_map(|run_id| CtlRequest::Explain { run_id }),
+        (uuid(), uuid()).prop_map(|(a, b)| CtlRequest::RunsDiff { a, b }),
     ]
 }
 
@@ -383,6 +384,30 @@ fn ctl_response() -> impl Strategy<Value = CtlResponse> {
             }
         ),
         text().prop_map(|json| CtlResponse::Summary { json }),
+        (
+            uuid(),
+            uuid(),
+            any::<bool>(),
+            text(),
+            prop::option::of(text()),
+            prop::option::of(text())
+        )
+            .prop_map(|(a, b, parity, scope, da, problem)| {
+                CtlResponse::Diff(DiffReport {
+                    a,
+                    b,
+                    parity,
+                    decisions_a: 3,
+                    decisions_b: 4,
+                    differences: vec![DecisionDifference {
+                        scope,
+                        index: 2,
+                        a: da,
+                        b: None,
+                    }],
+                    problem,
+                })
+            }),
         (
             uuid(),
             any::<bool>(),

@@ -56,6 +56,7 @@ async fn a_shadow_deploy_decides_everything_and_runs_nothing() {
 
     // The same deploy for real runs each step once on each host: shadow left nothing behind
     // that would make the real run skip or replay anything.
+    let shadow_run = out.json()["run_id"].as_str().unwrap().to_string();
     let out = lab.cli("alice", &["deploy"]).await.unwrap();
     assert_eq!(out.outcome(), "Completed", "{out:?}");
     for h in ["web1", "web2", "db1"] {
@@ -66,6 +67,67 @@ async fn a_shadow_deploy_decides_everything_and_runs_nothing() {
         );
     }
     assert_eq!(summary(&lab, &out)["shadow"], false);
+    let real_run = out.json()["run_id"].as_str().unwrap().to_string();
+
+    // Parity: the shadow run took exactly the decisions the real one took.
+    let d = lab
+        .cli("carol", &["runs", "diff", &shadow_run, &real_run])
+        .await
+        .unwrap();
+    assert_eq!(
+        (d.code, d.json()["parity"].as_bool()),
+        (0, Some(true)),
+        "{d:?}"
+    );
+    assert!(d.json()["decisions_a"].as_u64().unwrap() >= 10, "{d:?}");
+    assert_eq!(d.json()["decisions_a"], d.json()["decisions_b"]);
+
+    // A run over fewer hosts differs, and the diff names the host where they part.
+    let partial = lab
+        .cli("alice", &["deploy", "--shadow", "--hosts", "web1,web2"])
+        .await
+        .unwrap();
+    let partial_run = partial.json()["run_id"].as_str().unwrap().to_string();
+    let d = lab
+        .cli("carol", &["runs", "diff", &real_run, &partial_run])
+        .await
+        .unwrap();
+    assert_eq!(
+        (d.code, d.json()["parity"].as_bool()),
+        (6, Some(false)),
+        "{d:?}"
+    );
+    let diffs = d.json()["differences"].as_array().unwrap().clone();
+    assert!(
+        diffs
+            .iter()
+            .any(|x| x["scope"] == "db1" && x["index"] == 1 && x["b"].is_null()),
+        "{diffs:#?}"
+    );
+    assert!(
+        diffs
+            .iter()
+            .all(|x| x["scope"] != "web1" && x["scope"] != "web2"),
+        "web1 and web2 decided the same in both: {diffs:#?}"
+    );
+
+    // A tampered timeline is not compared.
+    let tl = lab.runs_dir().join(&real_run).join("timeline.jsonl");
+    let text = std::fs::read_to_string(&tl).unwrap();
+    std::fs::write(&tl, text.replacen("\"allow\"", "\"block\"", 1)).unwrap();
+    let d = lab
+        .cli("carol", &["runs", "diff", &shadow_run, &real_run])
+        .await
+        .unwrap();
+    assert_eq!(
+        (d.code, d.json()["parity"].as_bool()),
+        (5, Some(false)),
+        "{d:?}"
+    );
+    assert!(
+        d.json()["problem"].as_str().unwrap().contains(&real_run),
+        "{d:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

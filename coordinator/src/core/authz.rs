@@ -31,6 +31,7 @@ pub fn required_role(req: &CtlRequest) -> (Role, &'static str) {
         CtlRequest::Status => (Role::Viewer, "view fleet status"),
         CtlRequest::RunsList | CtlRequest::RunsShow { .. } => (Role::Viewer, "view runs"),
         CtlRequest::RunsVerify { .. } => (Role::Viewer, "verify runs"),
+        CtlRequest::RunsDiff { .. } => (Role::Viewer, "compare runs"),
         CtlRequest::Explain { .. } => (Role::Viewer, "read explanations"),
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::mpsc;
 use tollgate_protocol::agent::HelloAck;
-use tollgate_protocol::ctl::{CtlError, CtlErrorCode, CtlRequest, CtlResponse, VerifyReport};
+use tollgate_protocol::ctl::{
+    CtlError, CtlErrorCode, CtlRequest, CtlResponse, DecisionDifference, DiffReport, VerifyReport,
+};
 use tollgate_protocol::io::{read_frame, write_frame};
 use tollgate_protocol::{FrameError, FrameLimits, SUPPORTED, negotiate};
 use uuid::Uuid;
@@ -198,6 +200,33 @@ async fn follow(
     }
 }
 
+/// A run's timeline as read, and whether it verifies (anchored on the live head if open).
+struct Timeline {
+    lines: Vec<journal::Line>,
+    /// Why it does not verify (`line N: ...`), if it does not.
+    problem: Option<String>,
+}
+
+async fn read_timeline(ctx: &CtlContext, run_id: Uuid) -> Option<Timeline> {
+    let dir = run_dir(ctx, run_id);
+    let bytes = std::fs::read(dir.join(Journal::FILE)).ok()?;
+    let head = ctx.recorder.send(Head { run_id }).await.ok().flatten();
+    let check = journal::verify_run_dir_open(&dir, run_id, &ctx.public_key, head);
+    let problem = (!check.ok).then(|| {
+        format!(
+            "line {}: {}",
+            check.first_bad_line.unwrap_or(0),
+            check.problem.unwrap_or_default()
+        )
+    });
+    let lines = bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| parse_line(l).ok())
+        .collect();
+    Some(Timeline { lines, problem })
+}
+
 fn run_dir(ctx: &CtlContext, run_id: Uuid) -> PathBuf {
     ctx.runs_dir.join(run_id.to_string())
 }
@@ -278,30 +307,57 @@ async fn answer(ctx: &CtlContext, peer: &str, req: CtlRequest) -> CtlResponse {
             })
         }
         CtlRequest::Explain { run_id } => {
-            let dir = run_dir(ctx, run_id);
-            let Ok(bytes) = std::fs::read(dir.join(Journal::FILE)) else {
+            let Some(t) = read_timeline(ctx, run_id).await else {
                 return err(
                     CtlErrorCode::UnknownRun,
                     format!("no timeline for run {run_id}"),
                 );
             };
-            let head = ctx.recorder.send(Head { run_id }).await.ok().flatten();
-            let check = journal::verify_run_dir_open(&dir, run_id, &ctx.public_key, head);
             let mut lines: Vec<String> = Vec::new();
-            if !check.ok {
+            if let Some(problem) = &t.problem {
                 lines.push(format!(
-                    "WARNING: this timeline does not verify (line {}: {}); the account below may not be true.",
-                    check.first_bad_line.unwrap_or(0),
-                    check.problem.unwrap_or_default()
+                    "WARNING: this timeline does not verify ({problem}); the account below may not be true."
                 ));
             }
-            let parsed: Vec<_> = bytes
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .filter_map(|l| parse_line(l).ok())
-                .collect();
-            lines.extend(crate::explain::sentences(&parsed));
+            lines.extend(crate::explain::sentences(&t.lines));
             CtlResponse::Explanation { lines }
+        }
+        CtlRequest::RunsDiff { a, b } => {
+            let (Some(ta), Some(tb)) = (read_timeline(ctx, a).await, read_timeline(ctx, b).await)
+            else {
+                return err(
+                    CtlErrorCode::UnknownRun,
+                    format!("no timeline for run {a} or run {b}"),
+                );
+            };
+            let problem = match (&ta.problem, &tb.problem) {
+                (Some(p), _) => Some(format!("run {a} does not verify ({p})")),
+                (None, Some(p)) => Some(format!("run {b} does not verify ({p})")),
+                (None, None) => None,
+            };
+            // An unverifiable record is not compared: its decisions may not be true.
+            let differences = if problem.is_some() {
+                Vec::new()
+            } else {
+                crate::diff::compare(&ta.lines, &tb.lines)
+                    .into_iter()
+                    .map(|d| DecisionDifference {
+                        scope: d.scope,
+                        index: d.index,
+                        a: d.a,
+                        b: d.b,
+                    })
+                    .collect()
+            };
+            CtlResponse::Diff(DiffReport {
+                a,
+                b,
+                parity: problem.is_none() && differences.is_empty(),
+                decisions_a: crate::diff::count(&ta.lines),
+                decisions_b: crate::diff::count(&tb.lines),
+                differences,
+                problem,
+            })
         }
         CtlRequest::Submit(_) | CtlRequest::Execute { .. } => {
             err(CtlErrorCode::InvalidRequest, "streamed request")
