@@ -9,22 +9,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use tollgate_protocol::ctl::DecisionDifference as Difference;
+
 use crate::journal::Line;
 
 /// The scope of decisions that name no host.
 pub const RUN_SCOPE: &str = "(run)";
-
-/// Where two runs part in one scope.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Difference {
-    /// A host, or [`RUN_SCOPE`].
-    pub scope: String,
-    /// 1-based position of the first differing decision in that scope.
-    pub index: u64,
-    /// That decision in each run (`None`: the run has no decision there).
-    pub a: Option<String>,
-    pub b: Option<String>,
-}
 
 /// One decision, in words, without what is specific to a run.
 pub fn describe(line: &Line) -> Option<String> {

@@ -8,7 +8,7 @@ use actix::prelude::*;
 use tokio::sync::mpsc;
 use tollgate_protocol::agent::HelloAck;
 use tollgate_protocol::ctl::{
-    CtlError, CtlErrorCode, CtlRequest, CtlResponse, DecisionDifference, DiffReport, VerifyReport,
+    CtlError, CtlErrorCode, CtlRequest, CtlResponse, DiffReport, VerifyReport,
 };
 use tollgate_protocol::io::{read_frame, write_frame};
 use tollgate_protocol::{FrameError, FrameLimits, SUPPORTED, negotiate};
@@ -323,12 +323,11 @@ async fn answer(ctx: &CtlContext, peer: &str, req: CtlRequest) -> CtlResponse {
             CtlResponse::Explanation { lines }
         }
         CtlRequest::RunsDiff { a, b } => {
-            let (Some(ta), Some(tb)) = (read_timeline(ctx, a).await, read_timeline(ctx, b).await)
-            else {
-                return err(
-                    CtlErrorCode::UnknownRun,
-                    format!("no timeline for run {a} or run {b}"),
-                );
+            let Some(ta) = read_timeline(ctx, a).await else {
+                return err(CtlErrorCode::UnknownRun, format!("no timeline for run {a}"));
+            };
+            let Some(tb) = read_timeline(ctx, b).await else {
+                return err(CtlErrorCode::UnknownRun, format!("no timeline for run {b}"));
             };
             let problem = match (&ta.problem, &tb.problem) {
                 (Some(p), _) => Some(format!("run {a} does not verify ({p})")),
@@ -340,14 +339,6 @@ async fn answer(ctx: &CtlContext, peer: &str, req: CtlRequest) -> CtlResponse {
                 Vec::new()
             } else {
                 crate::diff::compare(&ta.lines, &tb.lines)
-                    .into_iter()
-                    .map(|d| DecisionDifference {
-                        scope: d.scope,
-                        index: d.index,
-                        a: d.a,
-                        b: d.b,
-                    })
-                    .collect()
             };
             CtlResponse::Diff(DiffReport {
                 a,
