@@ -44,14 +44,33 @@ pub fn verify_run_dir_open(
         Ok(b) => b,
         Err(e) => return not_ok(format!("{}: {e}", dir.join(Journal::FILE).display())),
     };
+    verify_run_bytes(dir, run_id, &bytes, public_key, open_head)
+}
+
+/// [`verify_run_dir_open`] over timeline bytes already read, so a caller that goes on to use
+/// the lines uses exactly the bytes that were verified (one read, no window between two).
+pub fn verify_run_bytes(
+    dir: &Path,
+    run_id: uuid::Uuid,
+    bytes: &[u8],
+    public_key: &[u8],
+    open_head: Option<(u64, String)>,
+) -> VerifyReport {
+    let not_ok = |problem: String| VerifyReport {
+        ok: false,
+        events: 0,
+        first_bad_line: None,
+        problem: Some(problem),
+        last_hash: String::new(),
+    };
     // A run this coordinator holds open is anchored by its live head (an escalated run that was
     // re-submitted still has the summary of its first part until it finishes again).
     if let Some((events, last)) = open_head {
-        return verify(run_id, &bytes, Some((events, last.as_str())));
+        return verify(run_id, bytes, Some((events, last.as_str())));
     }
     let anchor = match std::fs::read(dir.join("summary.json")) {
         Err(_) => {
-            let mut r = verify(run_id, &bytes, None);
+            let mut r = verify(run_id, bytes, None);
             if r.ok {
                 r.ok = false;
                 r.problem = Some(
@@ -78,7 +97,7 @@ pub fn verify_run_dir_open(
     };
     verify(
         run_id,
-        &bytes,
+        bytes,
         anchor.as_ref().map(|(n, h)| (*n, h.as_str())),
     )
 }

@@ -200,7 +200,8 @@ async fn follow(
     }
 }
 
-/// A run's timeline as read, and whether it verifies (anchored on the live head if open).
+/// A run's timeline as read, and whether those very bytes verify (anchored on the live head if
+/// the run is open).
 struct Timeline {
     lines: Vec<journal::Line>,
     /// Why it does not verify (`line N: ...`), if it does not.
@@ -211,7 +212,7 @@ async fn read_timeline(ctx: &CtlContext, run_id: Uuid) -> Option<Timeline> {
     let dir = run_dir(ctx, run_id);
     let bytes = std::fs::read(dir.join(Journal::FILE)).ok()?;
     let head = ctx.recorder.send(Head { run_id }).await.ok().flatten();
-    let check = journal::verify_run_dir_open(&dir, run_id, &ctx.public_key, head);
+    let check = journal::verify_run_bytes(&dir, run_id, &bytes, &ctx.public_key, head);
     let problem = (!check.ok).then(|| {
         format!(
             "line {}: {}",
