@@ -4,13 +4,13 @@
 #   bash bench/run.sh           # full: 5 repetitions each, fan-out over 1,000 simulated agents;
 #                               # rewrites docs/performance.md
 #   bash bench/run.sh --quick   # everything once, fan-out over 100 agents: proves the benches
-#                               # still run (CI); prints the table, leaves docs/ alone. If PyPI
-#                               # cannot be reached, Ansible is SKIPPED (n/a), not a failure
+#                               # still run (CI); prints the table, leaves docs/ alone. If ansible-core
+#                               # cannot be installed, Ansible is SKIPPED (n/a), not a failure
 #
 # Builds the release binaries (`cargo build --release --bins`), then runs:
 #   pipeline         5 hosts (then 1 host) x 20 no-op steps, full pipeline, with the bare
 #                    process work as a baseline (tests/benches/pipeline.rs)
-#   ansible          the same 5 x 20 in ansible-core, pinned, in a venv (bench/ansible.sh)
+#   ansible          the same 5 x 20 in the machine's ansible-core (Debian package; bench/ansible.sh)
 #   fanout           probe fan-out over N simulated agents (tests/benches/fanout.rs)
 #   agent_footprint  stripped agent binary size and idle RSS (tests/benches/agent_footprint.rs)
 # Honours CARGO_TARGET_DIR. The table is always written to $TARGET/bench-results/performance.md.

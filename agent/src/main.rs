@@ -51,6 +51,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         let listening = tollgate_agent::server::bind(&cfg)?;
+        let shells = listening.learn_shells().await;
+        tracing::info!(?shells, "shell facts learned");
         // Tests and supervisors wait for this line.
         println!(
             "tollgate-agent listening on {} as {}",

@@ -183,6 +183,15 @@ impl Prober {
         facts.insert("pwsh.version".into(), version);
     }
 
+    /// Learns what the shells report about themselves (today: `pwsh`'s version, a process start
+    /// that costs seconds on a cold machine), so that no probe waits for it. Called once before
+    /// the agent serves; a probe after it reads the cached answer.
+    pub async fn learn_shells(&self) -> BTreeMap<String, String> {
+        let mut facts = BTreeMap::new();
+        self.pwsh_facts(&mut facts).await;
+        facts
+    }
+
     /// Collects facts, runs the probe script if any, and fingerprints the result.
     pub async fn probe(&self, req: &ProbeRequest) -> Result<ProbeReport, String> {
         let mut facts = BTreeMap::new();

@@ -120,6 +120,12 @@ pub fn bind(cfg: &AgentConfig) -> Result<Listening, AgentError> {
 }
 
 impl Listening {
+    /// Learns the shells' own facts (see [`Prober::learn_shells`]) before serving, so the
+    /// first probe is as fast as every later one.
+    pub async fn learn_shells(&self) -> std::collections::BTreeMap<String, String> {
+        self.state.prober.learn_shells().await
+    }
+
     /// Serves until `shutdown` resolves, then drains: no new executions; running ones get the
     /// grace period, then are stopped and their outcome (`Interrupted`) recorded.
     pub async fn serve(

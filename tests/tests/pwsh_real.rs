@@ -1,6 +1,7 @@
 //! The happy paths of `pwsh_transport.rs`, against a real `pwsh` running the shipped
 //! session-host script in `none` mode (the `local` transport). Runs only where `pwsh` is on
-//! PATH; elsewhere each test says it did not run, and why, and passes.
+//! PATH; elsewhere each test says it did not run, and why, and passes, unless
+//! `TOLLGATE_REQUIRE_PWSH=1` (CI sets it once it has installed pwsh): then a missing pwsh fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -22,6 +23,9 @@ const LIMIT: Duration = Duration::from_secs(120);
 fn real_pwsh() -> Option<PathBuf> {
     match resolve_program(Path::new("pwsh")) {
         Ok(p) => Some(p),
+        Err(e) if std::env::var_os("TOLLGATE_REQUIRE_PWSH").is_some_and(|v| v == "1") => {
+            panic!("TOLLGATE_REQUIRE_PWSH=1 but pwsh is not usable: {e}")
+        }
         Err(e) => {
             // Straight to the process's stderr, past the test harness's output capture, so the
             // notice shows in every run (CI included), not only on failure.
