@@ -160,11 +160,11 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
     for (name, ..) in hosts_spec {
         pki.issue(Role::Agent, Some(name), Overwrite::Refuse)?;
     }
-    for op in ["alice", "bob"] {
+    for op in ["alice", "bob", "erin"] {
         pki.issue(Role::Operator, Some(op), Overwrite::Refuse)?;
     }
     println!(
-        "  CA, CRL, coordinator, agents web1 web2 db1, operators alice (operator+approver) and bob (approver)"
+        "  CA, CRL, coordinator, agents web1 web2 db1, operators erin (operator), alice (operator+approver) and bob (approver)"
     );
     println!("  in {}", pki_dir.display());
 
@@ -210,7 +210,11 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
             &dir.join("state"),
             &inventory,
             &operations,
-            &[("alice", &["operator", "approver"]), ("bob", &["approver"])],
+            &[
+                ("alice", &["operator", "approver"]),
+                ("bob", &["approver"]),
+                ("erin", &["operator"]),
+            ],
             "",
         )?,
     )?;
@@ -220,7 +224,7 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
         running.ctl_addr,
         running.runs_dir.display()
     );
-    for op in ["alice", "bob"] {
+    for op in ["alice", "bob", "erin"] {
         std::fs::write(
             dir.join(format!("client-{op}.toml")),
             lab::client_toml(&pki, op, running.ctl_addr)?,
@@ -228,21 +232,25 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
     }
     let alice = Client::connect(&ClientConfig::load(&dir.join("client-alice.toml"))?).await?;
     let bob = Client::connect(&ClientConfig::load(&dir.join("client-bob.toml"))?).await?;
+    let erin = Client::connect(&ClientConfig::load(&dir.join("client-erin.toml"))?).await?;
     let as_alice = format!(
         "TOLLGATE_CLIENT={}",
         dir.join("client-alice.toml").display()
     );
+    let as_erin = format!("TOLLGATE_CLIENT={}", dir.join("client-erin.toml").display());
 
     say("4. Quick deploy to every host");
     cli(&format!("{as_alice} tollgate deploy"));
     let r = submit(&alice, Action::Deploy, Mode::Quick, &[], Uuid::new_v4()).await?;
     indent(&render::report(&r));
 
-    say("5. Quick teardown of web1,web2: quick mode never destroys, so it escalates");
+    say(
+        "5. Erin asks for a quick teardown of web1,web2: quick mode never destroys, so it escalates",
+    );
     let teardown_id = Uuid::new_v4();
-    cli(&format!("{as_alice} tollgate teardown --hosts web1,web2"));
+    cli(&format!("{as_erin} tollgate teardown --hosts web1,web2"));
     let r = submit(
-        &alice,
+        &erin,
         Action::Teardown,
         Mode::Quick,
         &["web1", "web2"],
@@ -255,9 +263,9 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
     };
 
     say("6. Running the printed command: full mode needs a confirmation token for this exact plan");
-    cli(&format!("{as_alice} {next_command}"));
+    cli(&format!("{as_erin} {next_command}"));
     let r = submit(
-        &alice,
+        &erin,
         Action::Teardown,
         Mode::Full,
         &["web1", "web2"],
@@ -269,7 +277,9 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
         bail!("expected ConfirmationRequired, got {:?}", r.outcome)
     };
 
-    say("7. Alice approves the plan; the token is bound to run, hosts, plan hash and approver");
+    say(
+        "7. Alice approves the plan (erin asked, so she may not approve it herself); the token is bound to run, hosts, plan hash and approver",
+    );
     cli(&format!(
         "{as_alice} tollgate approve {teardown_id} --operation-hash {operation_hash}"
     ));
@@ -291,18 +301,17 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
         "8. Execute: barrier (containment, fresh re-probe, policy, token) before the destructive phase",
     );
     cli(&format!(
-        "{as_alice} tollgate execute {teardown_id} --token <token>"
+        "{as_erin} tollgate execute {teardown_id} --token <token>"
     ));
     let r = report_of(
-        alice
-            .stream(
-                CtlRequest::Execute {
-                    run_id: teardown_id,
-                    token: token.clone(),
-                },
-                |p| println!("    · {}", render::progress_line(p)),
-            )
-            .await?,
+        erin.stream(
+            CtlRequest::Execute {
+                run_id: teardown_id,
+                token: token.clone(),
+            },
+            |p| println!("    · {}", render::progress_line(p)),
+        )
+        .await?,
     )?;
     indent(&render::report(&r));
     println!(
@@ -314,24 +323,25 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
 
     say("9. The same token again: single use, so it is refused");
     cli(&format!(
-        "{as_alice} tollgate execute {teardown_id} --token <the same token>"
+        "{as_erin} tollgate execute {teardown_id} --token <the same token>"
     ));
     let r = report_of(
-        alice
-            .call(CtlRequest::Execute {
-                run_id: teardown_id,
-                token,
-            })
-            .await?,
+        erin.call(CtlRequest::Execute {
+            run_id: teardown_id,
+            token,
+        })
+        .await?,
     )?;
     indent(&render::report(&r));
 
-    say("10. db1 is protected: its teardown needs two distinct approvers");
+    say(
+        "10. db1 is protected: its teardown needs two distinct approvers, neither of them the requester",
+    );
     let db_id = Uuid::new_v4();
     cli(&format!(
-        "{as_alice} tollgate teardown --mode full --hosts db1"
+        "{as_erin} tollgate teardown --mode full --hosts db1"
     ));
-    let r = submit(&alice, Action::Teardown, Mode::Full, &["db1"], db_id).await?;
+    let r = submit(&erin, Action::Teardown, Mode::Full, &["db1"], db_id).await?;
     indent(&render::report(&r));
     let Outcome::ConfirmationRequired { operation_hash, .. } = &r.outcome else {
         bail!("expected ConfirmationRequired, got {:?}", r.outcome)
@@ -383,18 +393,17 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
     )?;
     println!("  hosts/db1/facts.json: app_version 1.0 -> 1.1-hotfix");
     cli(&format!(
-        "{as_alice} tollgate execute {db_id} --token <token>"
+        "{as_erin} tollgate execute {db_id} --token <token>"
     ));
     let r = report_of(
-        alice
-            .stream(
-                CtlRequest::Execute {
-                    run_id: db_id,
-                    token,
-                },
-                |p| println!("    · {}", render::progress_line(p)),
-            )
-            .await?,
+        erin.stream(
+            CtlRequest::Execute {
+                run_id: db_id,
+                token,
+            },
+            |p| println!("    · {}", render::progress_line(p)),
+        )
+        .await?,
     )?;
     indent(&render::report(&r));
     println!("  db1 app still there: {}", app_exists(&dir, "db1"));
@@ -428,6 +437,7 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
 
     alice.close();
     bob.close();
+    erin.close();
     running.endpoint.close(0u32.into(), b"demo over");
     for mut a in agents {
         let _ = a.start_kill();

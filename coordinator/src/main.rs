@@ -84,6 +84,9 @@ enum Command {
         #[arg(long)]
         token: String,
     },
+    /// Cancel an open run: nothing new starts, steps already sent finish, the run closes
+    /// (PolicyBlocked, Cancelled) and its hosts are free again.
+    Cancel { run: Uuid },
     /// The fleet's lifecycle, as the coordinator last saw it.
     Status,
     /// List, show and verify runs.
@@ -369,7 +372,7 @@ fn show(resp: CtlResponse, json: bool) -> u8 {
             } else {
                 eprintln!("tollgate: refused ({:?}): {}", e.code, e.message);
             }
-            EXIT_REFUSED
+            render::exit_for_error(e.code)
         }
         CtlResponse::HelloAck(_) | CtlResponse::Progress(_) => {
             eprintln!("tollgate: unexpected answer");
@@ -412,6 +415,7 @@ fn request_for(cmd: Command) -> CtlRequest {
             operation_hash,
         },
         Command::Execute { run, token } => CtlRequest::Execute { run_id: run, token },
+        Command::Cancel { run } => CtlRequest::Cancel { run_id: run },
         Command::Status => CtlRequest::Status,
         Command::Runs(RunsCommand::List) => CtlRequest::RunsList,
         Command::Runs(RunsCommand::Show { run }) => CtlRequest::RunsShow { run_id: run },

@@ -6,7 +6,7 @@
 //! | 2 | bad usage or configuration |
 //! | 3 | the coordinator could not be reached, or refused our certificate |
 //! | 4 | the coordinator refused the request (not authorized, unknown run, ...) |
-//! | 5 | `runs verify` (or `runs diff`) found tampering |
+//! | 5 | `runs verify` (or `runs diff`) found tampering, or the run named is missing or unreadable |
 //! | 6 | `runs diff`: the two runs took different decisions |
 //! | 10 | `EscalationRequired`: run the printed command |
 //! | 11 | `ConfirmationRequired`: an approver must approve the printed plan |
@@ -31,6 +31,16 @@ pub const EXIT_REFUSED: u8 = 4;
 pub const EXIT_TAMPERED: u8 = 5;
 pub const EXIT_DIFFERENT: u8 = 6;
 pub const EXIT_APPROVAL_PENDING: u8 = 12;
+
+/// The exit status for a refusal: a run whose record is missing or does not verify is
+/// reported as damage (5), any other refusal as 4.
+pub fn exit_for_error(code: tollgate_protocol::ctl::CtlErrorCode) -> u8 {
+    use tollgate_protocol::ctl::CtlErrorCode;
+    match code {
+        CtlErrorCode::RunMissing | CtlErrorCode::RunUnreadable => EXIT_TAMPERED,
+        _ => EXIT_REFUSED,
+    }
+}
 
 /// The exit status for an outcome.
 pub fn exit_code(kind: OutcomeKind) -> u8 {

@@ -48,6 +48,7 @@ fn config() -> PolicyConfig {
             },
         },
         freshness_ms: FRESH,
+        self_approval: false,
     }
 }
 
@@ -75,6 +76,7 @@ fn plan() -> Plan {
         action: Action::Teardown,
         requested_mode: Mode::Full,
         targets: vec![],
+        shadow: false,
     };
     let facts = ["db1", "web1", "web2"]
         .iter()
@@ -99,6 +101,7 @@ fn plan() -> Plan {
         hosts: vec![],
         approvals_required: 2,
         token_lifetime_ms: 600_000,
+        self_approval: false,
     };
     Draft::new(&intent, &inv, &ops)
         .unwrap()

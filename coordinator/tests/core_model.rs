@@ -341,6 +341,7 @@ impl Driver {
                     },
                 },
                 freshness_ms: FRESHNESS,
+                self_approval: false,
             },
             retry: RetryPolicy {
                 max_attempts: 3,
@@ -359,6 +360,7 @@ impl Driver {
                 action: setup.action,
                 requested_mode: setup.mode,
                 targets: targets.clone(),
+                shadow: false,
             },
             requestor: ALICE.into(),
             inventory: inv,

@@ -63,6 +63,7 @@ fn decision() -> PolicyDecision {
         hosts: Vec::new(),
         approvals_required: 2,
         token_lifetime_ms: 600_000,
+        self_approval: false,
     }
 }
 
@@ -96,6 +97,7 @@ impl Case {
             action: self.action,
             requested_mode: mode,
             targets: self.targets.clone(),
+            shadow: false,
         };
         Draft::new(&intent, &self.inv, &self.ops)?.seal(
             mode,
@@ -231,6 +233,7 @@ fn sealing_refuses_what_it_cannot_stand_behind() {
         action: Action::Teardown,
         requested_mode: Mode::Full,
         targets: vec![],
+        shadow: false,
     };
     assert!(matches!(
         Draft::new(&intent, &inventory(), &unresolved),

@@ -44,6 +44,7 @@ fn config() -> PolicyConfig {
             },
         },
         freshness_ms: 30_000,
+        self_approval: false,
     }
 }
 
@@ -84,6 +85,7 @@ fn run(
         run_id: RUN,
         action: Action::Teardown,
         requested_mode: mode,
+        shadow: false,
         unknown_targets: &[],
         hosts,
         token,
@@ -261,6 +263,7 @@ fn unknown_targets_and_empty_work_are_decided_by_their_rules() {
         run_id: RUN,
         action: Action::Deploy,
         requested_mode: Mode::Quick,
+        shadow: false,
         unknown_targets: &unknown,
         hosts: &hosts,
         token: TokenEvidence::NotPresented,

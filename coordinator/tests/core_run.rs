@@ -61,6 +61,7 @@ impl Run {
                 action,
                 requested_mode: mode,
                 targets: targets.iter().map(|t| (*t).to_owned()).collect(),
+                shadow: false,
             },
             requestor: ALICE.into(),
             inventory: inv,

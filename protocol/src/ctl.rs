@@ -45,6 +45,11 @@ pub enum CtlRequest {
         run_id: Uuid,
         token: String,
     },
+    /// Stop an open run: nothing new starts, in-flight steps finish, the run closes typed
+    /// (`PolicyBlocked(Cancelled)`) and gives its hosts back.
+    Cancel {
+        run_id: Uuid,
+    },
     Status,
     RunsList,
     RunsShow {
@@ -171,6 +176,18 @@ pub enum CtlErrorCode {
     UnknownHost,
     InvalidRequest,
     Internal,
+    /// A target host belongs to another open run (the message names it).
+    HostBusy,
+    /// The run id exists and may not be reused (closed, open, or another shape).
+    RunNotReusable,
+    /// The signed run index lists the run, but its directory is gone (deleted or renamed).
+    RunMissing,
+    /// The run's journal cannot be read or does not verify.
+    RunUnreadable,
+    /// The approver is the run's requester, and policy forbids self-approval here.
+    SelfApproval,
+    /// The plan already has a live token; no second one is issued.
+    AlreadyApproved,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

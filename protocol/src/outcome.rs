@@ -151,6 +151,10 @@ pub struct PlanView {
     pub steps: Vec<PlanStepView>,
     /// Distinct approvers a token for this plan needs (2 when a protected host requires it).
     pub approvals_required: u8,
+    /// Whether the run's requester may be one of them (`tokens.self_approval`, never with a
+    /// protected host in the plan).
+    #[serde(default)]
+    pub self_approval: bool,
 }
 
 /// The typed outcome of a run or a host, with the data each kind needs.

@@ -76,13 +76,15 @@ fn plan() -> impl Strategy<Value = PlanView> {
         prop::collection::vec(text(), 0..4),
         prop::collection::vec(step, 0..4),
         1u8..3,
+        any::<bool>(),
     )
         .prop_map(
-            |(operation_hash, hosts, steps, approvals_required)| PlanView {
+            |(operation_hash, hosts, steps, approvals_required, self_approval)| PlanView {
                 operation_hash,
                 hosts,
                 steps,
                 approvals_required,
+                self_approval,
             },
         )
 }

@@ -173,6 +173,9 @@ pub struct Lab {
     pub serve_env: Vec<(&'static str, String)>,
 }
 
+/// Every operator identity a lab issues a client certificate for.
+pub const OPERATORS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
+
 /// `(name, role, safety_class)` of the default lab: two web hosts and a protected db host.
 pub const DEFAULT_HOSTS: &[(&str, &str, &str)] = &[
     ("web1", "web", "standard"),
@@ -224,7 +227,7 @@ impl Lab {
             });
             agents.insert(name.to_string(), agent);
         }
-        for op in ["alice", "bob", "carol", "dave"] {
+        for op in crate::lab::OPERATORS {
             pki.identity(Role::Operator, Some(op))?;
         }
         let root = pki.root().to_path_buf();
@@ -262,11 +265,13 @@ impl Lab {
                 &root.join("state"),
                 &inventory,
                 &ops,
-                // alice operates and approves, bob approves, carol only views, dave has nothing.
+                // alice operates and approves, bob approves, carol only views, erin only
+                // operates (she asks, others approve), dave has nothing.
                 &[
                     ("alice", &["operator", "approver"]),
                     ("bob", &["approver"]),
                     ("carol", &["viewer"]),
+                    ("erin", &["operator"]),
                 ],
                 coordinator_extra,
             )?,
@@ -285,7 +290,7 @@ impl Lab {
     /// Starts (or restarts) `tollgate serve` on the lab's config and rewrites the clients.
     pub async fn start_serve(&mut self) -> anyhow::Result<()> {
         let serve = ServeProcess::start(&self.config, &self.serve_env).await?;
-        for op in ["alice", "bob", "carol", "dave"] {
+        for op in crate::lab::OPERATORS {
             std::fs::write(
                 self.client_file(op),
                 lab::client_toml(&self.pki.pki, op, serve.addr)?,
@@ -375,13 +380,14 @@ impl Lab {
         })
     }
 
-    /// Full teardown of `hosts` up to a token: submit, approve (by alice, and bob if two are
-    /// needed). Returns (run id, token, operation hash).
+    /// Full teardown of `hosts` up to a token: submitted by erin, approved by alice (and bob
+    /// if two are needed): the requester never approves her own run. Returns (run id, token,
+    /// operation hash).
     pub async fn approved_teardown(&self, hosts: &str) -> anyhow::Result<(String, String, String)> {
         let run = uuid::Uuid::new_v4().to_string();
         let out = self
             .cli(
-                "alice",
+                "erin",
                 &[
                     "teardown", "--mode", "full", "--hosts", hosts, "--run", &run,
                 ],

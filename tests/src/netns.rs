@@ -733,7 +733,7 @@ impl NetLab {
             });
             agents.insert(name.clone(), agent);
         }
-        for op in ["alice", "bob", "carol", "dave"] {
+        for op in crate::lab::OPERATORS {
             pki.identity(Role::Operator, Some(op))?;
         }
         let root = pki.root().to_path_buf();
@@ -756,6 +756,7 @@ impl NetLab {
                     ("alice", &["operator", "approver"]),
                     ("bob", &["approver"]),
                     ("carol", &["viewer"]),
+                    ("erin", &["operator"]),
                 ],
                 &opts.coordinator_extra,
             )?,
@@ -791,7 +792,7 @@ impl NetLab {
             .next()
             .context("serve address")?
             .parse()?;
-        for op in ["alice", "bob", "carol", "dave"] {
+        for op in crate::lab::OPERATORS {
             std::fs::write(
                 self.client_file(op),
                 lab::client_toml(&self.pki.pki, op, addr)?,
@@ -978,13 +979,14 @@ impl NetLab {
         }))
     }
 
-    /// Full teardown of `hosts` up to a token (alice approves, and bob when two are needed).
+    /// Full teardown of `hosts` up to a token: erin asks, alice approves (and bob when two are
+    /// needed); the requester never approves her own run.
     /// Returns (run id, token, operation hash).
     pub async fn approved_teardown(&self, hosts: &str) -> anyhow::Result<(String, String, String)> {
         let run = uuid::Uuid::new_v4().to_string();
         let out = self
             .cli(
-                "alice",
+                "erin",
                 &[
                     "teardown", "--mode", "full", "--hosts", hosts, "--run", &run,
                 ],

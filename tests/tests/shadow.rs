@@ -146,7 +146,7 @@ async fn a_shadow_teardown_still_needs_its_token_and_passes_its_barrier_without_
                 &run,
                 "--shadow",
             ];
-            lab.cli("alice", &args).await.unwrap()
+            lab.cli("erin", &args).await.unwrap()
         }
     };
     // Without a token, a shadow run is blocked exactly like a real one.
@@ -161,6 +161,15 @@ async fn a_shadow_teardown_still_needs_its_token_and_passes_its_barrier_without_
         (blocked.outcome().as_str(), blocked.reason().as_str()),
         ("PolicyBlocked", "TokenMissing"),
         "{blocked:?}"
+    );
+    // It still holds web1 and web2 until it is cancelled.
+    let busy = submit(uuid::Uuid::new_v4().to_string()).await;
+    assert_eq!(busy.json()["code"], "HostBusy", "{busy:?}");
+    let cancelled = lab.cli("erin", &["cancel", &first]).await.unwrap();
+    assert_eq!(
+        (cancelled.outcome().as_str(), cancelled.reason().as_str()),
+        ("PolicyBlocked", "Cancelled"),
+        "{cancelled:?}"
     );
 
     let run = uuid::Uuid::new_v4().to_string();

@@ -94,8 +94,9 @@ async fn missing_replayed_and_foreign_tokens_are_blocked_and_nothing_destructive
     );
     assert_eq!(out.code, 20);
 
-    // A token for another host set: approve web1 alone, present it to the web1,web2 run.
-    let (_run_b, token_b, _) = lab.approved_teardown("web1").await.unwrap();
+    // A token for another run and host set: approve db1 (web1 and web2 belong to run A until
+    // it closes), present it to the web1,web2 run.
+    let (_run_b, token_b, _) = lab.approved_teardown("db1").await.unwrap();
     let out = lab
         .cli("alice", &["execute", &run_a, "--token", &token_b])
         .await

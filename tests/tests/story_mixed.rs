@@ -106,7 +106,7 @@ async fn mixed_fleet_deploys_escalates_and_tears_down_once() {
         .clone();
     assert_eq!(win1["lifecycle"], "Ready", "{win1}");
 
-    let out = lab.cli("alice", &["teardown"]).await.unwrap();
+    let out = lab.cli("erin", &["teardown"]).await.unwrap();
     assert_eq!(
         (out.code, out.outcome().as_str()),
         (10, "EscalationRequired"),
@@ -117,7 +117,7 @@ async fn mixed_fleet_deploys_escalates_and_tears_down_once() {
         .unwrap()
         .to_string();
     let args: Vec<&str> = next.split_whitespace().skip(1).collect();
-    let out = lab.cli("alice", &args).await.unwrap();
+    let out = lab.cli("erin", &args).await.unwrap();
     assert_eq!(
         (out.code, out.outcome().as_str()),
         (11, "ConfirmationRequired"),

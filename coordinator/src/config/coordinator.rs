@@ -103,6 +103,9 @@ pub struct TokenSettings {
     pub signing_key: PathBuf,
     /// Lifetime and approvers per class.
     pub classes: ClassTable<ClassTokenPolicy>,
+    /// `tokens.self_approval` (default false): may a run's requester approve it? Never for
+    /// a plan with a protected host.
+    pub self_approval: bool,
 }
 
 /// `[tls]`: the coordinator's own certificate and the fleet CA.
@@ -254,6 +257,7 @@ struct RawTls {
 struct RawTokens {
     lifetime: Option<toml::Value>,
     signing_key: Option<String>,
+    self_approval: Option<bool>,
     disposable: Option<RawClassTokens>,
     standard: Option<RawClassTokens>,
     protected: Option<RawClassTokens>,
@@ -325,7 +329,11 @@ pub fn parse_coordinator(text: &str, file: &str) -> Result<CoordinatorConfig, Co
             duration_in(v, 1_000, MAX_TOKEN_LIFETIME_MS).map_err(|r| err("tokens.lifetime", r))?
         }
     };
-    let class = |name: &str, raw: &Option<RawClassTokens>, approvers: u8, cap_ms: u64| {
+    let class = |name: &str,
+                 raw: &Option<RawClassTokens>,
+                 approvers: u8,
+                 min_approvers: u8,
+                 cap_ms: u64| {
         let raw_lifetime = raw.as_ref().and_then(|r| r.lifetime.as_ref());
         let lifetime_ms = match raw_lifetime {
             None => default_lifetime,
@@ -333,10 +341,15 @@ pub fn parse_coordinator(text: &str, file: &str) -> Result<CoordinatorConfig, Co
                 .map_err(|r| err(&format!("tokens.{name}.lifetime"), r))?,
         };
         let approvers = raw.as_ref().and_then(|r| r.approvers).unwrap_or(approvers);
-        if !(1..=2).contains(&approvers) {
+        if !(min_approvers..=2).contains(&approvers) {
+            let allowed = if min_approvers == 2 {
+                "must be 2 (a protected host always needs two distinct approvers, neither of them the requester)".to_owned()
+            } else {
+                "must be 1 or 2".to_owned()
+            };
             return Err(err(
                 &format!("tokens.{name}.approvers"),
-                format!("must be 1 or 2, got {approvers}"),
+                format!("{allowed}, got {approvers}"),
             ));
         }
         Ok(ClassTokenPolicy {
@@ -350,10 +363,11 @@ pub fn parse_coordinator(text: &str, file: &str) -> Result<CoordinatorConfig, Co
             "disposable",
             &raw.tokens.disposable,
             1,
+            1,
             MAX_TOKEN_LIFETIME_MS,
         )?,
-        standard: class("standard", &raw.tokens.standard, 1, default_lifetime)?,
-        protected: class("protected", &raw.tokens.protected, 2, default_lifetime)?,
+        standard: class("standard", &raw.tokens.standard, 1, 1, default_lifetime)?,
+        protected: class("protected", &raw.tokens.protected, 2, 2, default_lifetime)?,
     };
     let signing_key = match raw.tokens.signing_key {
         Some(p) => non_empty_path(file, "tokens.signing_key", Some(p), "")?,
@@ -440,6 +454,7 @@ pub fn parse_coordinator(text: &str, file: &str) -> Result<CoordinatorConfig, Co
         tokens: TokenSettings {
             signing_key,
             classes,
+            self_approval: raw.tokens.self_approval.unwrap_or(false),
         },
         probe,
         concurrency: Concurrency { global, per_phase },

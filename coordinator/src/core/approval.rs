@@ -17,6 +17,10 @@ pub struct ApprovalRequest {
     pub operation_hash: String,
     /// Distinct approvers needed (1 or 2).
     pub required: u8,
+    /// Who asked for the run.
+    pub requester: String,
+    /// Whether the requester may be one of the approvers (the plan's `self_approval`).
+    pub self_approval: bool,
 }
 
 /// Approvals collected so far (fewer than required).
@@ -55,6 +59,11 @@ pub enum ApprovalError {
     /// The identity does not hold the `approver` role.
     #[error("{0} does not hold the approver role")]
     NotAnApprover(String),
+    /// The requester may not approve this run (separation of duties, rule `R011`).
+    #[error(
+        "{0} requested this run and may not approve it (tokens.self_approval is off, or a protected host is in the plan)"
+    )]
+    SelfApproval(String),
     /// The approver named another plan.
     #[error("approval names operation hash {got}, the plan's is {expected}")]
     WrongPlan {
@@ -117,6 +126,12 @@ impl PendingApproval {
                 error: ApprovalError::NotAnApprover(identity.to_owned()),
             }));
         }
+        if identity == self.request.requester && !self.request.self_approval {
+            return Err(Box::new(Refused {
+                pending: self,
+                error: ApprovalError::SelfApproval(identity.to_owned()),
+            }));
+        }
         let counted = !self.approvers.iter().any(|a| a == identity);
         if counted {
             self.approvers.push(identity.to_owned());
@@ -164,7 +179,38 @@ mod tests {
             run_id: Uuid::from_u128(1),
             operation_hash: "h".into(),
             required,
+            requester: "spiffe://f/operator/carol".into(),
+            self_approval: false,
         })
+    }
+
+    #[test]
+    fn the_requester_may_not_approve_unless_policy_allows_it() {
+        let mut a = authz();
+        a = Authorization::new(
+            a.grants()
+                .clone()
+                .into_iter()
+                .chain([(
+                    "spiffe://f/operator/carol".to_owned(),
+                    BTreeSet::from([Role::Approver]),
+                )])
+                .collect(),
+        );
+        let refused = request(1)
+            .approve("spiffe://f/operator/carol", "h", &a)
+            .unwrap_err();
+        assert_eq!(
+            refused.error,
+            ApprovalError::SelfApproval("spiffe://f/operator/carol".into())
+        );
+        assert!(refused.pending.approvers().is_empty());
+        let mut allowed = request(1);
+        allowed.request.self_approval = true;
+        assert!(matches!(
+            allowed.approve("spiffe://f/operator/carol", "h", &a),
+            Ok(ApprovalProgress::Complete(_))
+        ));
     }
 
     #[test]

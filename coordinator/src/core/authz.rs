@@ -3,7 +3,7 @@
 //!
 //! | request | role needed |
 //! |---|---|
-//! | submit an intent (`deploy`, `teardown`), `execute` a token | `operator` |
+//! | submit an intent (`deploy`, `teardown`), `execute` a token, `cancel` a run | `operator` |
 //! | `approve` a plan | `approver` |
 //! | `status`, `plan show`, `runs list/show/verify`, `explain` | `viewer` (any role grants it) |
 
@@ -25,6 +25,7 @@ pub fn required_role(req: &CtlRequest) -> (Role, &'static str) {
     match req {
         CtlRequest::Submit(_) => (Role::Operator, "submit intents"),
         CtlRequest::Execute { .. } => (Role::Operator, "execute plans"),
+        CtlRequest::Cancel { .. } => (Role::Operator, "cancel runs"),
         CtlRequest::Approve { .. } => (Role::Approver, "approve plans"),
         CtlRequest::Hello(_) => (Role::Viewer, "connect"),
         CtlRequest::PlanShow { .. } => (Role::Viewer, "view plans"),

@@ -158,6 +158,8 @@ pub fn evaluate_barrier(input: &BarrierInput<'_>) -> BarrierDecision {
         run_id: input.plan.run_id(),
         action: input.plan.action(),
         requested_mode: input.requested_mode,
+        // A barrier decides in full mode: it never escalates, so it prints no next command.
+        shadow: false,
         unknown_targets: &[],
         hosts: &host_inputs,
         token: input.token,

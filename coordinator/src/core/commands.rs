@@ -3,7 +3,7 @@
 //!
 //! | situation | command |
 //! |---|---|
-//! | quick mode met a destructive step | `tollgate ACTION --mode full --hosts H1,H2 --run RUN_ID` |
+//! | quick mode met a destructive step | `tollgate ACTION --mode full --hosts H1,H2 --run RUN_ID [--shadow]` |
 //! | a full plan waits for approval | `tollgate approve RUN_ID --operation-hash HASH` |
 //! | a token was issued | `tollgate execute RUN_ID --token TOKEN` |
 //!
@@ -17,12 +17,15 @@ use std::collections::BTreeSet;
 use tollgate_protocol::Action;
 use uuid::Uuid;
 
-/// `tollgate ACTION --mode full --hosts H1,H2 --run RUN_ID`.
-pub fn escalation_command(action: Action, hosts: &[String], run_id: Uuid) -> String {
+/// `tollgate ACTION --mode full --hosts H1,H2 --run RUN_ID`, with `--shadow` for a shadow run
+/// (a run keeps the shape it was born with: followed literally, the command continues it as
+/// shadow; the service refuses a continuation that drops or adds the flag).
+pub fn escalation_command(action: Action, hosts: &[String], run_id: Uuid, shadow: bool) -> String {
     let hosts: BTreeSet<&str> = hosts.iter().map(String::as_str).collect();
     let hosts: Vec<&str> = hosts.into_iter().collect();
+    let shadow = if shadow { " --shadow" } else { "" };
     format!(
-        "tollgate {action} --mode full --hosts {} --run {run_id}",
+        "tollgate {action} --mode full --hosts {} --run {run_id}{shadow}",
         hosts.join(",")
     )
 }
@@ -48,10 +51,15 @@ mod tests {
             Action::Teardown,
             &["web2".into(), "web1".into(), "web2".into()],
             id,
+            false,
         );
         assert_eq!(
             cmd,
             format!("tollgate teardown --mode full --hosts web1,web2 --run {id}")
+        );
+        assert_eq!(
+            escalation_command(Action::Teardown, &["web1".into()], id, true),
+            format!("tollgate teardown --mode full --hosts web1 --run {id} --shadow")
         );
         let safe = |c: char| c.is_ascii_alphanumeric() || " -_,.=".contains(c);
         assert!(cmd.chars().all(safe), "{cmd}");

@@ -16,7 +16,8 @@
 //! | [`run`] | [`run::RunMachine`]: one run as a sans-IO state machine |
 //! | [`outcome`] | typed outcomes and their wire form |
 //! | [`timeline`] | timeline events (decision, rule, inputs) |
-//! | [`resubmit`] | which run ids may be reused (only to continue an escalation) |
+//! | [`ledger`] | the run ledger: every run id's life across processes, admission, restart |
+//! | [`leases`] | host leases: at most one open run per host |
 //! | [`rules`] | every rule id with its sentence |
 //! | [`commands`] | the exact CLI commands the core tells operators to run |
 //! | [`canon`] | the canonical encoding behind every hash and signature |
@@ -28,11 +29,12 @@ pub mod canon;
 pub mod closed;
 pub mod commands;
 pub mod facts;
+pub mod leases;
+pub mod ledger;
 pub mod lifecycle;
 pub mod outcome;
 pub mod plan;
 pub mod policy;
-pub mod resubmit;
 pub mod rules;
 pub mod run;
 pub mod timeline;

@@ -56,6 +56,8 @@ pub struct Intent {
     pub requested_mode: Mode,
     /// Host names; empty means every host of the inventory.
     pub targets: Vec<String>,
+    /// Decision-only: probe, decide and record, execute nothing. Fixed at the run's birth.
+    pub shadow: bool,
 }
 
 /// Why a plan could not be built.
@@ -289,6 +291,7 @@ impl Draft {
             policy_hash: policy_hash.to_owned(),
             approvals_required: decision.approvals_required,
             token_lifetime_ms: decision.token_lifetime_ms,
+            self_approval: decision.self_approval,
             operation_hash,
         })
     }
@@ -349,6 +352,7 @@ pub struct Plan {
     policy_hash: String,
     approvals_required: u8,
     token_lifetime_ms: u64,
+    self_approval: bool,
     operation_hash: String,
 }
 
@@ -426,6 +430,11 @@ impl Plan {
         self.approvals_required
     }
 
+    /// Whether the requester may be one of the approvers.
+    pub fn self_approval(&self) -> bool {
+        self.self_approval
+    }
+
     /// Lifetime a token for it may have.
     pub fn token_lifetime_ms(&self) -> u64 {
         self.token_lifetime_ms
@@ -465,6 +474,7 @@ impl Plan {
                 })
                 .collect(),
             approvals_required: self.approvals_required,
+            self_approval: self.self_approval,
         }
     }
 }

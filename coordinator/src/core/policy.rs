@@ -122,6 +122,8 @@ pub struct PolicyConfig {
     pub tokens: ClassTable<ClassTokenPolicy>,
     /// Maximum age of a barrier re-probe.
     pub freshness_ms: u64,
+    /// `tokens.self_approval`: may a run's requester approve it (never for protected hosts)?
+    pub self_approval: bool,
 }
 
 impl PolicyConfig {
@@ -130,7 +132,14 @@ impl PolicyConfig {
         PolicyConfig {
             tokens: config.tokens.classes,
             freshness_ms: config.probe.freshness_ms,
+            self_approval: config.tokens.self_approval,
         }
+    }
+
+    /// Whether the requester may approve a plan touching these classes: only where
+    /// `tokens.self_approval` allows it, and never when a protected host is in scope.
+    pub fn self_approval_allowed(&self, mut classes: impl Iterator<Item = SafetyClass>) -> bool {
+        self.self_approval && !classes.any(|c| c == SafetyClass::Protected)
     }
 
     /// Distinct approvers a token for these classes needs: the largest requirement.
@@ -168,6 +177,10 @@ pub fn policy_hash(config: &PolicyConfig) -> String {
         e.str(class.as_str()).u64(t.lifetime_ms).u8(t.approvers);
     }
     e.u64(config.freshness_ms);
+    // Only when on, so the hash of every default configuration stays what it was.
+    if config.self_approval {
+        e.str("self_approval");
+    }
     e.sha256_hex()
 }
 
@@ -228,6 +241,8 @@ pub struct PolicyInput<'a> {
     pub action: Action,
     /// The mode the operator asked for.
     pub requested_mode: Mode,
+    /// A shadow run (its escalation command keeps `--shadow`).
+    pub shadow: bool,
     /// Requested target names that are not in the inventory.
     pub unknown_targets: &'a [String],
     /// The target hosts that are in the inventory.
@@ -303,6 +318,8 @@ pub struct PolicyDecision {
     pub approvals_required: u8,
     /// Token lifetime for these hosts.
     pub token_lifetime_ms: u64,
+    /// Whether the requester may be one of the approvers (separation of duties).
+    pub self_approval: bool,
 }
 
 /// Evaluates the policy table for the run and for each host.
@@ -316,6 +333,7 @@ pub fn evaluate(input: &PolicyInput<'_>) -> PolicyDecision {
             .map(|h| h.name.to_owned())
             .collect::<Vec<_>>(),
         input.run_id,
+        input.shadow,
     );
     let (effective_mode, run) = evaluate_scope(input, &all, true, &next_command);
     let mut hosts: Vec<(String, Ruling)> = input
@@ -350,6 +368,7 @@ pub fn evaluate(input: &PolicyInput<'_>) -> PolicyDecision {
         } else {
             0
         },
+        self_approval: input.config.self_approval_allowed(classes.clone()),
         token_lifetime_ms: input.config.token_lifetime_ms(classes),
     }
 }

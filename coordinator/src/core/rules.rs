@@ -27,6 +27,14 @@ pub const R008_TOKEN_MUST_VERIFY: RuleId = "R008-token-must-verify";
 pub const R009_APPROVALS_SUFFICIENT: RuleId = "R009-approvals-sufficient";
 /// Nothing objected.
 pub const R010_ALLOW: RuleId = "R010-allow";
+/// Separation of duties: a run's requester may not approve it (unless `tokens.self_approval`,
+/// and never for a protected host); one live token per plan.
+pub const R011_SEPARATION_OF_DUTIES: RuleId = "R011-separation-of-duties";
+/// A host belongs to at most one open run at a time.
+pub const R012_ONE_OPEN_RUN_PER_HOST: RuleId = "R012-one-open-run-per-host";
+/// A run id names one story: it is continued only from its own escalation, with the shape it
+/// was born with, and never reused once closed, unreadable or missing.
+pub const R013_RUN_ID_NAMES_ONE_STORY: RuleId = "R013-run-id-names-one-story";
 
 /// Every host of every earlier phase succeeded.
 pub const B001_CONTAINMENT: RuleId = "B001-previous-phases-succeeded";
@@ -61,6 +69,9 @@ pub const E011_CANCELLED: RuleId = "E011-cancelled";
 pub const E012_CHECK_FAILED: RuleId = "E012-check-failed";
 /// A run left open by a stopped coordinator is closed, never resumed.
 pub const E013_CLOSED_AFTER_RESTART: RuleId = "E013-closed-after-restart";
+/// Timeline lines not covered by a valid signed checkpoint are quarantined, never adopted;
+/// the run is closed as tampered.
+pub const E014_UNSIGNED_LINES_QUARANTINED: RuleId = "E014-unsigned-lines-quarantined";
 
 /// One catalogue entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +123,18 @@ pub const CATALOGUE: &[RuleInfo] = &[
     RuleInfo {
         id: R010_ALLOW,
         summary: "no rule objected",
+    },
+    RuleInfo {
+        id: R011_SEPARATION_OF_DUTIES,
+        summary: "a run's requester may not approve it (unless tokens.self_approval allows it, never for a protected host), and a plan has at most one live token",
+    },
+    RuleInfo {
+        id: R012_ONE_OPEN_RUN_PER_HOST,
+        summary: "a host belongs to at most one open run at a time; another intent for it is refused as HostBusy",
+    },
+    RuleInfo {
+        id: R013_RUN_ID_NAMES_ONE_STORY,
+        summary: "a run id is continued only from its own escalation, with the action and shadow flag it was born with, and never reused once closed, unreadable or missing",
     },
     RuleInfo {
         id: B001_CONTAINMENT,
@@ -172,6 +195,10 @@ pub const CATALOGUE: &[RuleInfo] = &[
     RuleInfo {
         id: E013_CLOSED_AFTER_RESTART,
         summary: "a run left open by a stopped coordinator is closed, never resumed; its in-flight steps are settled by their idempotency keys",
+    },
+    RuleInfo {
+        id: E014_UNSIGNED_LINES_QUARANTINED,
+        summary: "timeline lines not covered by a valid signed checkpoint are quarantined, never adopted, and the run is closed as tampered",
     },
 ];
 

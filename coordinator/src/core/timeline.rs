@@ -24,6 +24,8 @@ pub enum EventKind {
     PlanSealed,
     /// The run waits for a token.
     ConfirmationRequested,
+    /// A token was issued for the plan (by the approvers' approval).
+    TokenIssued,
     /// A token was presented and judged.
     TokenJudged,
     /// A barrier began (containment checked, re-probes requested).
@@ -52,8 +54,13 @@ pub enum EventKind {
     HostFailed,
     /// A phase ended.
     PhaseCompleted,
+    /// A cancel was asked for mid-execution (in-flight steps finish first; `run_finished`
+    /// follows).
+    CancelRequested,
     /// The run ended.
     RunFinished,
+    /// A signed checkpoint over every line before it (written by the journal, not the machine).
+    Checkpoint,
 }
 
 impl EventKind {
@@ -66,6 +73,7 @@ impl EventKind {
             EventKind::PolicyEvaluated => "policy_evaluated",
             EventKind::PlanSealed => "plan_sealed",
             EventKind::ConfirmationRequested => "confirmation_requested",
+            EventKind::TokenIssued => "token_issued",
             EventKind::TokenJudged => "token_judged",
             EventKind::BarrierStarted => "barrier_started",
             EventKind::BarrierEvaluated => "barrier_evaluated",
@@ -80,8 +88,43 @@ impl EventKind {
             EventKind::HostStateChanged => "host_state_changed",
             EventKind::HostFailed => "host_failed",
             EventKind::PhaseCompleted => "phase_completed",
+            EventKind::CancelRequested => "cancel_requested",
             EventKind::RunFinished => "run_finished",
+            EventKind::Checkpoint => "checkpoint",
         }
+    }
+
+    /// Every kind, in journal order of first appearance.
+    pub const ALL: [EventKind; 24] = [
+        EventKind::RunStarted,
+        EventKind::ProbeRequested,
+        EventKind::ProbeReported,
+        EventKind::PolicyEvaluated,
+        EventKind::PlanSealed,
+        EventKind::ConfirmationRequested,
+        EventKind::TokenIssued,
+        EventKind::TokenJudged,
+        EventKind::BarrierStarted,
+        EventKind::BarrierEvaluated,
+        EventKind::CheckRequested,
+        EventKind::CheckReported,
+        EventKind::StepDispatched,
+        EventKind::StepReported,
+        EventKind::RetryScheduled,
+        EventKind::StepSkipped,
+        EventKind::OutcomeQueried,
+        EventKind::IdempotencyAnswered,
+        EventKind::HostStateChanged,
+        EventKind::HostFailed,
+        EventKind::PhaseCompleted,
+        EventKind::CancelRequested,
+        EventKind::RunFinished,
+        EventKind::Checkpoint,
+    ];
+
+    /// The kind a journal name stands for.
+    pub fn parse(name: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == name)
     }
 }
 

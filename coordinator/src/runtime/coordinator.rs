@@ -7,19 +7,20 @@ use std::sync::Arc;
 use actix::prelude::*;
 use ring::rand::SecureRandom;
 use ring::signature::Ed25519KeyPair;
+use tollgate_protocol::Mode;
 use tollgate_protocol::ctl::{
     Approval, CtlError, CtlErrorCode, HostStatus, OperationIntent, RunListEntry,
 };
-use tollgate_protocol::outcome::{Outcome, OutcomeKind, PlanView, RunReport};
-use tollgate_protocol::{Action, Mode};
+use tollgate_protocol::outcome::{Outcome, PlanView, RunReport};
 use uuid::Uuid;
 
 use crate::config::{CoordinatorConfig, Inventory, Operations};
 use crate::core::approval::{ApprovalProgress, ApprovalRequest, PendingApproval};
 use crate::core::commands::execute_command;
+use crate::core::leases::Leases;
+use crate::core::ledger::{self, Admission, AdmitRefused, Known, LedgerEvent, RunRecord, Stage};
 use crate::core::lifecycle::HostState;
 use crate::core::plan::Intent;
-use crate::core::resubmit::{ExistingRun, may_reuse_run_id};
 use crate::core::run::{RunMachine, RunSettings, RunSpec};
 use crate::core::token::TokenIssuer;
 
@@ -28,8 +29,8 @@ use super::host::HostActor;
 use super::nonces::NonceStore;
 use super::recorder::Recorder;
 use super::run::{
-    ClaimsFor, ConsumeNonce, GetPlan, PresentToken, RunActor, RunDeps, RunMeta, RunNotice,
-    RunUpdate, Watcher,
+    CancelNow, ClaimsFor, ConsumeNonce, GetPlan, PresentToken, RunActor, RunDeps, RunMeta,
+    RunNotice, RunUpdate, Watcher,
 };
 
 /// Everything the coordinator is configured with.
@@ -55,23 +56,27 @@ impl std::fmt::Debug for Setup {
 #[derive(Debug)]
 struct RunEntry {
     addr: Option<Addr<RunActor>>,
-    action: Action,
+    record: RunRecord,
     requested_mode: Mode,
-    requestor: String,
     started_ms: u64,
     last: Option<RunReport>,
 }
 
 impl RunEntry {
     fn state(&self) -> String {
+        let shadow = if self.record.shadow { " (shadow)" } else { "" };
         match (&self.addr, &self.last) {
-            (Some(_), Some(r)) if r.outcome.kind() == OutcomeKind::ConfirmationRequired => {
-                "awaiting-token".into()
+            (None, Some(r)) if self.record.stage.is_closed() => {
+                format!("{}{shadow}", r.outcome.kind())
             }
-            (Some(_), _) => "running".into(),
-            (None, Some(r)) => r.outcome.kind().to_string(),
-            (None, None) => "closed".into(),
+            _ => format!("{}{shadow}", self.record.stage.as_str()),
         }
+    }
+
+    /// Moves the entry's stage by the ledger's table; a refused event changes nothing.
+    fn advance(&mut self, event: LedgerEvent, now_ms: u64) -> Result<(), ledger::LedgerError> {
+        self.record.stage = ledger::transition(Some(self.record.stage), event, now_ms)?;
+        Ok(())
     }
 }
 
@@ -89,6 +94,9 @@ pub struct Coordinator {
     recorder: Addr<Recorder>,
     nonces: NonceStore,
     runs: BTreeMap<Uuid, RunEntry>,
+    /// Run ids whose record is unreadable or missing: never reused.
+    damaged: BTreeMap<Uuid, Known>,
+    leases: Leases,
     fleet: BTreeMap<String, FleetView>,
     approvals: HashMap<Uuid, PendingApproval>,
 }
@@ -135,6 +143,8 @@ impl Coordinator {
             recorder,
             nonces,
             runs: BTreeMap::new(),
+            damaged: BTreeMap::new(),
+            leases: Leases::new(),
             fleet,
             approvals: HashMap::new(),
         }
@@ -152,20 +162,51 @@ impl Coordinator {
         )
     }
 
-    /// Registers a run closed before this process started (read back from its summary).
-    pub fn adopt_closed(&mut self, report: RunReport, requestor: String, started_ms: u64) {
+    /// Registers a run closed before this process started (or closed by its recovery).
+    pub fn adopt_closed(&mut self, report: RunReport, record: RunRecord, started_ms: u64) {
         self.runs.insert(
             report.run_id,
             RunEntry {
                 addr: None,
-                action: report.action,
+                record: RunRecord {
+                    stage: Stage::Closed,
+                    ..record
+                },
                 requested_mode: report.requested_mode,
-                requestor,
                 started_ms,
                 last: Some(report),
             },
         );
     }
+
+    /// Registers a run id whose record is unreadable or missing: it is never reused.
+    pub fn adopt_damaged(&mut self, run_id: Uuid, known: Known) {
+        self.damaged.insert(run_id, known);
+    }
+
+    /// What the ledger knows of `run_id`.
+    fn known(&self, run_id: Uuid) -> Option<Known> {
+        match self.runs.get(&run_id) {
+            Some(e) => Some(Known::Record(e.record.clone())),
+            None => self.damaged.get(&run_id).cloned(),
+        }
+    }
+}
+
+/// The control-protocol error for a refused admission.
+fn refused_admission(run_id: Uuid, why: AdmitRefused) -> CtlError {
+    let code = match why {
+        AdmitRefused::Missing => CtlErrorCode::RunMissing,
+        AdmitRefused::Unreadable => CtlErrorCode::RunUnreadable,
+        _ => CtlErrorCode::RunNotReusable,
+    };
+    ctl_error(
+        code,
+        format!(
+            "run {run_id} cannot be used for this intent: {why} (rule {}); choose a new run id",
+            crate::core::rules::R013_RUN_ID_NAMES_ONE_STORY
+        ),
+    )
 }
 
 impl Actor for Coordinator {
@@ -177,14 +218,14 @@ impl Actor for Coordinator {
 #[rtype(result = "()")]
 pub struct Adopt {
     pub report: RunReport,
-    pub requestor: String,
+    pub record: RunRecord,
     pub started_ms: u64,
 }
 
 impl Handler<Adopt> for Coordinator {
     type Result = ();
     fn handle(&mut self, msg: Adopt, _: &mut Context<Self>) {
-        self.adopt_closed(msg.report, msg.requestor, msg.started_ms);
+        self.adopt_closed(msg.report, msg.record, msg.started_ms);
     }
 }
 
@@ -211,30 +252,23 @@ impl Handler<Submit> for Coordinator {
                 ),
             ));
         }
-        if let Some(existing) = self.runs.get(&i.run_id) {
-            let known = ExistingRun {
-                action: existing.action,
-                finished_as: match existing.addr {
-                    Some(_) => None,
-                    None => existing.last.as_ref().map(|r| r.outcome.kind()),
-                },
-            };
-            may_reuse_run_id(known, i.action, i.requested_mode).map_err(|why| {
-                ctl_error(
-                    CtlErrorCode::InvalidRequest,
-                    format!(
-                        "run {} already exists and cannot be reused: {why}; choose a new run id",
-                        i.run_id
-                    ),
-                )
-            })?;
-        }
+        let known = self.known(i.run_id);
+        ledger::admit(
+            known.as_ref(),
+            Admission {
+                action: i.action,
+                mode: i.requested_mode,
+                shadow: i.shadow,
+            },
+        )
+        .map_err(|why| refused_admission(i.run_id, why))?;
         let spec = RunSpec {
             intent: Intent {
                 run_id: i.run_id,
                 action: i.action,
                 requested_mode: i.requested_mode,
                 targets: i.target_hosts,
+                shadow: i.shadow,
             },
             requestor: msg.requestor.clone(),
             inventory: self.setup.inventory.clone(),
@@ -243,6 +277,32 @@ impl Handler<Submit> for Coordinator {
         };
         let machine = RunMachine::new(spec)
             .map_err(|e| ctl_error(CtlErrorCode::InvalidRequest, e.to_string()))?;
+        let now = self.setup.clock.now_ms();
+        let stage = ledger::transition(
+            known.as_ref().and_then(|k| match k {
+                Known::Record(r) => Some(r.stage),
+                _ => None,
+            }),
+            LedgerEvent::Started,
+            now,
+        )
+        .map_err(|e| {
+            ctl_error(
+                CtlErrorCode::RunNotReusable,
+                format!("run {}: {e}", i.run_id),
+            )
+        })?;
+        self.leases
+            .acquire(i.run_id, machine.host_states().keys().map(String::as_str))
+            .map_err(|busy| {
+                ctl_error(
+                    CtlErrorCode::HostBusy,
+                    format!(
+                        "{busy} (rule {})",
+                        crate::core::rules::R012_ONE_OPEN_RUN_PER_HOST
+                    ),
+                )
+            })?;
         let deps = RunDeps {
             hosts: self.hosts.clone(),
             recorder: self.recorder.clone(),
@@ -261,14 +321,28 @@ impl Handler<Submit> for Coordinator {
         };
         let addr = RunActor::new(meta, machine, deps, msg.watcher).start();
         self.approvals.remove(&i.run_id);
+        // A continuation keeps the shape and requester the run was born with.
+        let record = match known {
+            Some(Known::Record(r)) => RunRecord { stage, ..r },
+            _ => RunRecord {
+                action: i.action,
+                shadow: i.shadow,
+                requestor: msg.requestor,
+                stage,
+            },
+        };
+        let started_ms = self
+            .runs
+            .get(&i.run_id)
+            .map(|e| e.started_ms)
+            .unwrap_or(now);
         self.runs.insert(
             i.run_id,
             RunEntry {
                 addr: Some(addr),
-                action: i.action,
+                record,
                 requested_mode: i.requested_mode,
-                requestor: msg.requestor,
-                started_ms: self.setup.clock.now_ms(),
+                started_ms,
                 last: None,
             },
         );
@@ -300,36 +374,53 @@ impl Handler<Approve> for Coordinator {
     type Result = ResponseActFuture<Self, Result<ApproveResult, CtlError>>;
 
     fn handle(&mut self, msg: Approve, _: &mut Context<Self>) -> Self::Result {
-        let awaiting = self
-            .runs
-            .get(&msg.run_id)
-            .and_then(|e| match (&e.addr, &e.last) {
-                (Some(addr), Some(r)) => match &r.outcome {
+        let refuse = |e: CtlError| -> Self::Result { Box::pin(actix::fut::ready(Err(e))) };
+        let now = self.setup.clock.now_ms();
+        if let Some(e) = self.runs.get(&msg.run_id)
+            && let Stage::Approved { token_expires_ms } = e.record.stage
+            && now < token_expires_ms
+        {
+            return refuse(ctl_error(
+                CtlErrorCode::AlreadyApproved,
+                format!(
+                    "run {} is already approved and its token is live; no second token is issued (rule {})",
+                    msg.run_id,
+                    crate::core::rules::R011_SEPARATION_OF_DUTIES
+                ),
+            ));
+        }
+        let awaiting = self.runs.get(&msg.run_id).and_then(|e| {
+            let waiting = matches!(
+                e.record.stage,
+                Stage::AwaitingApproval | Stage::Approved { .. }
+            );
+            match (&e.addr, &e.last) {
+                (Some(addr), Some(r)) if waiting => match &r.outcome {
                     Outcome::ConfirmationRequired {
                         operation_hash,
                         plan,
                         ..
-                    } => Some((
-                        addr.clone(),
-                        operation_hash.clone(),
-                        plan.approvals_required,
-                    )),
+                    } => Some((addr.clone(), operation_hash.clone(), plan.clone(), e)),
                     _ => None,
                 },
                 _ => None,
-            });
-        let Some((addr, plan_hash, required)) = awaiting else {
-            let e = ctl_error(
+            }
+        });
+        let Some((addr, plan_hash, plan, entry)) = awaiting else {
+            return refuse(ctl_error(
                 CtlErrorCode::InvalidRequest,
                 format!("run {} is not waiting for approval", msg.run_id),
-            );
-            return Box::pin(actix::fut::ready(Err(e)));
+            ));
         };
+        let required = plan.approvals_required;
+        let requester = entry.record.requestor.clone();
         let pending = self.approvals.remove(&msg.run_id).unwrap_or_else(|| {
             PendingApproval::new(ApprovalRequest {
                 run_id: msg.run_id,
                 operation_hash: plan_hash,
                 required,
+                requester,
+                self_approval: plan.self_approval,
             })
         });
         let progress = match pending.approve(
@@ -340,7 +431,13 @@ impl Handler<Approve> for Coordinator {
             Ok(p) => p,
             Err(refused) => {
                 self.approvals.insert(msg.run_id, refused.pending);
-                let e = ctl_error(CtlErrorCode::NotAuthorized, refused.error.to_string());
+                let code = match refused.error {
+                    crate::core::approval::ApprovalError::SelfApproval(_) => {
+                        CtlErrorCode::SelfApproval
+                    }
+                    _ => CtlErrorCode::NotAuthorized,
+                };
+                let e = ctl_error(code, refused.error.to_string());
                 return Box::pin(actix::fut::ready(Err(e)));
             }
         };
@@ -355,14 +452,36 @@ impl Handler<Approve> for Coordinator {
             }
             ApprovalProgress::Complete(c) => c,
         };
-        let now = self.setup.clock.now_ms();
+        // Held from now: a second approval that arrives while this token is being made sees a
+        // live token (its expiry is set once the claims are known).
+        let run_id = msg.run_id;
+        let before = self.runs.get(&run_id).map(|e| e.record.stage);
+        if let Some(e) = self.runs.get_mut(&run_id) {
+            e.record.stage = Stage::Approved {
+                token_expires_ms: u64::MAX,
+            };
+        }
         let fut = addr.send(ClaimsFor {
             approvers: complete.approvers,
             now_ms: now,
             nonce: random_bytes(),
         });
         Box::pin(fut.into_actor(self).map(move |res, act, _| {
-            let claims = res.ok().flatten().ok_or_else(|| {
+            let claims = res.ok().flatten();
+            if let Some(e) = act.runs.get_mut(&run_id)
+                && matches!(e.record.stage, Stage::Approved { .. })
+            {
+                match (&claims, before) {
+                    (Some(c), _) => {
+                        e.record.stage = Stage::Approved {
+                            token_expires_ms: c.expires_at_ms,
+                        }
+                    }
+                    (None, Some(b)) => e.record.stage = b,
+                    (None, None) => {}
+                }
+            }
+            let claims = claims.ok_or_else(|| {
                 ctl_error(
                     CtlErrorCode::InvalidRequest,
                     "the run is no longer waiting for a token",
@@ -397,10 +516,20 @@ impl Handler<ExecuteRun> for Coordinator {
     type Result = Result<(), CtlError>;
 
     fn handle(&mut self, msg: ExecuteRun, _: &mut Context<Self>) -> Self::Result {
-        let entry = self
-            .runs
-            .get(&msg.run_id)
-            .ok_or_else(|| ctl_error(CtlErrorCode::UnknownRun, format!("no run {}", msg.run_id)))?;
+        let entry =
+            self.runs
+                .get(&msg.run_id)
+                .ok_or_else(|| match self.damaged.get(&msg.run_id) {
+                    Some(Known::Missing) => ctl_error(
+                        CtlErrorCode::RunMissing,
+                        format!("run {}: {}", msg.run_id, AdmitRefused::Missing),
+                    ),
+                    Some(_) => ctl_error(
+                        CtlErrorCode::RunUnreadable,
+                        format!("run {}: {}", msg.run_id, AdmitRefused::Unreadable),
+                    ),
+                    None => ctl_error(CtlErrorCode::UnknownRun, format!("no run {}", msg.run_id)),
+                })?;
         match &entry.addr {
             Some(addr) => {
                 addr.do_send(PresentToken {
@@ -441,6 +570,47 @@ impl Handler<ExecuteRun> for Coordinator {
                     )),
                 }
             }
+        }
+    }
+}
+
+/// Cancel an open run on an operator's word.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), CtlError>")]
+pub struct CancelRun {
+    pub run_id: Uuid,
+    pub by: String,
+    pub watcher: Watcher,
+}
+
+impl Handler<CancelRun> for Coordinator {
+    type Result = Result<(), CtlError>;
+
+    fn handle(&mut self, msg: CancelRun, _: &mut Context<Self>) -> Self::Result {
+        match self
+            .runs
+            .get(&msg.run_id)
+            .map(|e| (&e.addr, e.record.stage))
+        {
+            Some((Some(addr), _)) => {
+                addr.do_send(CancelNow {
+                    reason: format!("cancelled by {}", msg.by),
+                    watcher: msg.watcher,
+                });
+                Ok(())
+            }
+            Some((None, stage)) => Err(ctl_error(
+                CtlErrorCode::InvalidRequest,
+                format!(
+                    "run {} is not running ({}); there is nothing to cancel",
+                    msg.run_id,
+                    stage.as_str()
+                ),
+            )),
+            None => Err(ctl_error(
+                CtlErrorCode::UnknownRun,
+                format!("no run {}", msg.run_id),
+            )),
         }
     }
 }
@@ -522,13 +692,13 @@ impl Handler<RunsList> for Coordinator {
             .iter()
             .map(|(id, e)| RunListEntry {
                 run_id: *id,
-                action: e.action,
+                action: e.record.action,
                 effective_mode: e
                     .last
                     .as_ref()
                     .map(|r| r.effective_mode)
                     .unwrap_or(e.requested_mode),
-                requestor: e.requestor.clone(),
+                requestor: e.record.requestor.clone(),
                 state: e.state(),
                 started_ms: e.started_ms,
             })
@@ -560,15 +730,35 @@ impl Handler<RunNotice> for Coordinator {
                 }
             }
             RunNotice::Awaiting { run_id, report } => {
+                let now = self.setup.clock.now_ms();
                 if let Some(e) = self.runs.get_mut(&run_id) {
                     e.last = Some(report);
+                    if let Err(err) = e.advance(LedgerEvent::ConfirmationRequested, now) {
+                        tracing::error!(run = %run_id, %err, "ledger refused confirmation_requested");
+                    }
+                }
+            }
+            RunNotice::TokenAccepted { run_id } => {
+                let now = self.setup.clock.now_ms();
+                if let Some(e) = self.runs.get_mut(&run_id)
+                    && let Err(err) = e.advance(LedgerEvent::TokenAccepted, now)
+                {
+                    tracing::error!(run = %run_id, %err, "ledger refused token_accepted");
                 }
             }
             RunNotice::Closed { run_id, report } => {
+                let now = self.setup.clock.now_ms();
                 if let Some(e) = self.runs.get_mut(&run_id) {
                     e.addr = None;
+                    let outcome = report.outcome.kind();
                     e.last = Some(report);
+                    if let Err(err) = e.advance(LedgerEvent::Finished { outcome }, now) {
+                        // A run the table cannot place is closed: never reused.
+                        tracing::error!(run = %run_id, %err, "ledger refused run_finished; closing the run");
+                        e.record.stage = Stage::Closed;
+                    }
                 }
+                self.leases.release(run_id);
                 self.approvals.remove(&run_id);
             }
         }

@@ -52,6 +52,10 @@ pub enum RunNotice {
         run_id: Uuid,
         report: RunReport,
     },
+    /// The run accepted a token: destructive work may start.
+    TokenAccepted {
+        run_id: Uuid,
+    },
     Closed {
         run_id: Uuid,
         report: RunReport,
@@ -387,6 +391,9 @@ impl RunActor {
                     return;
                 }
                 Effect::ConsumeToken { nonce } => {
+                    self.deps.notices.do_send(RunNotice::TokenAccepted {
+                        run_id: self.meta.run_id,
+                    });
                     self.busy = true;
                     let fut = self.deps.nonces.send(ConsumeNonce { nonce });
                     ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
@@ -722,6 +729,22 @@ impl Handler<PresentToken> for RunActor {
     }
 }
 
+/// Cancel the run; `watcher` gets the answer when it has closed.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CancelNow {
+    pub reason: String,
+    pub watcher: Watcher,
+}
+
+impl Handler<CancelNow> for RunActor {
+    type Result = ();
+    fn handle(&mut self, msg: CancelNow, ctx: &mut Context<Self>) {
+        self.watchers.push(msg.watcher);
+        self.feed(ctx, Input::Cancel { reason: msg.reason });
+    }
+}
+
 /// The claims to sign for an approval (only while awaiting a token).
 #[derive(Debug, Message)]
 #[rtype(result = "Option<crate::core::token::Claims>")]
@@ -732,10 +755,27 @@ pub struct ClaimsFor {
 }
 
 impl Handler<ClaimsFor> for RunActor {
-    type Result = Option<crate::core::token::Claims>;
+    type Result = ResponseActFuture<Self, Option<crate::core::token::Claims>>;
+    /// The claims, once the `token_issued` event that records them is durable.
     fn handle(&mut self, msg: ClaimsFor, _ctx: &mut Context<Self>) -> Self::Result {
-        self.machine
+        let Some(claims) = self
+            .machine
             .token_claims(msg.approvers, msg.now_ms, msg.nonce)
+        else {
+            return Box::pin(actix::fut::ready(None));
+        };
+        let event = crate::core::run::token_issued_event(&claims);
+        let fut = self.deps.recorder.send(Append {
+            run_id: self.meta.run_id,
+            events: vec![event.clone()],
+        });
+        Box::pin(fut.into_actor(self).map(move |res, act, _| match res {
+            Ok(Ok(appended)) => {
+                act.recorded(&[event], appended);
+                Some(claims)
+            }
+            _ => None,
+        }))
     }
 }
 

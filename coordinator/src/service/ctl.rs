@@ -19,7 +19,7 @@ use crate::core::authz;
 use crate::journal::chain::parse_line;
 use crate::journal::{self, Journal};
 use crate::runtime::coordinator::{
-    Approve, ApproveResult, Coordinator, ExecuteRun, PlanShow, RunsList, Status, Submit,
+    Approve, ApproveResult, CancelRun, Coordinator, ExecuteRun, PlanShow, RunsList, Status, Submit,
 };
 use crate::runtime::recorder::{Head, Recorder};
 use crate::runtime::run::RunUpdate;
@@ -134,6 +134,18 @@ async fn stream(
                 .send(Submit {
                     intent,
                     requestor: peer,
+                    watcher: tx,
+                })
+                .await;
+            follow(accepted, rx, &mut send).await;
+        }
+        CtlRequest::Cancel { run_id } => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let accepted = ctx
+                .coordinator
+                .send(CancelRun {
+                    run_id,
+                    by: peer,
                     watcher: tx,
                 })
                 .await;
@@ -351,7 +363,7 @@ async fn answer(ctx: &CtlContext, peer: &str, req: CtlRequest) -> CtlResponse {
                 problem,
             })
         }
-        CtlRequest::Submit(_) | CtlRequest::Execute { .. } => {
+        CtlRequest::Submit(_) | CtlRequest::Execute { .. } | CtlRequest::Cancel { .. } => {
             err(CtlErrorCode::InvalidRequest, "streamed request")
         }
     }

@@ -258,11 +258,17 @@ pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError
         signer: Arc::new(signer),
         public_key: public_key.clone(),
     };
+    // Every run is read and every open one closed before the coordinator takes an intent.
+    let recovered = recovery::recover(&runs_dir, &hosts, &recorder, &setup).await;
     let mut coordinator_state =
         Coordinator::new(setup.clone(), hosts.clone(), recorder.clone(), nonces);
-    recovery::adopt_closed_runs(&runs_dir, &mut coordinator_state);
+    for (report, record, started_ms) in recovered.closed {
+        coordinator_state.adopt_closed(report, record, started_ms);
+    }
+    for (run_id, known) in recovered.damaged {
+        coordinator_state.adopt_damaged(run_id, known);
+    }
     let coordinator = coordinator_state.start();
-    recovery::close_open_runs(&runs_dir, &hosts, &recorder, &coordinator, &setup).await;
 
     let server_cfg = quic::server_config(
         &loaded.identity,

@@ -1,21 +1,24 @@
-//! Start-up: adopt closed runs from their summaries, and close every run a previous process
-//! left open. An open run is never resumed blindly: each in-flight step's idempotency key is
-//! asked about, the answers are journaled, and the run is closed typed by the safety core
-//! ([`crate::core::closed::close_after_restart`]).
+//! Start-up: read every run's journal, decide from it alone whether the run is closed
+//! ([`crate::core::ledger`]), and close every run a previous process left open, whatever its
+//! stage. An open run is never resumed: each in-flight step's idempotency key is asked about,
+//! the answers are journaled, and the run is closed typed by the safety core
+//! ([`crate::core::closed::close_after_restart`]). A run whose journal cannot be read or does
+//! not verify is registered as unreadable: its id is never reused.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use actix::prelude::*;
+use tollgate_protocol::Mode;
 use tollgate_protocol::outcome::{Outcome, OutcomeKind, ReasonCode, RunReport};
-use tollgate_protocol::{Action, Mode};
 use uuid::Uuid;
 
 use crate::core::closed::{InFlight, OpenRun, close_after_restart};
-use crate::journal::Journal;
+use crate::core::ledger::{Known, OnRestart, RunRecord, Stage, on_restart};
 use crate::journal::chain::{Line, parse_line};
-use crate::journal::summary::{self, Summary};
-use crate::runtime::coordinator::{Adopt, Coordinator, Setup};
+use crate::journal::summary;
+use crate::journal::{Journal, ledger_fact};
+use crate::runtime::coordinator::Setup;
 use crate::runtime::host::{HostActor, QueryKey};
 use crate::runtime::recorder::{Append, Recorder, WriteSummary};
 
@@ -24,117 +27,135 @@ fn reason_of(s: &str) -> ReasonCode {
         .unwrap_or(ReasonCode::OutcomeUncertain)
 }
 
-/// A run report rebuilt from a summary (enough for listing, re-submission and replay checks).
-pub fn report_of(s: &Summary, artifacts: &Path) -> RunReport {
-    let reason = reason_of(&s.outcome.reason);
-    let rule = s.outcome.rule.clone().unwrap_or_default();
-    let kind: Option<OutcomeKind> =
-        serde_json::from_value(serde_json::Value::String(s.outcome.kind.clone())).ok();
+fn mode_of(m: Option<&String>) -> Mode {
+    match m.map(String::as_str) {
+        Some("quick") => Mode::Quick,
+        _ => Mode::Full,
+    }
+}
+
+/// The report of a closed run, rebuilt from its journal (its last `run_finished` line): enough
+/// for listing, re-submission and replay checks. `summary.json` is for people; the journal is
+/// what decides.
+pub fn report_from_journal(
+    run_id: Uuid,
+    record: &RunRecord,
+    lines: &[Line],
+    artifacts: &Path,
+) -> RunReport {
+    let started = lines.iter().find(|l| l.kind == "run_started");
+    let finished = lines.iter().rev().find(|l| l.kind == "run_finished");
+    let input = |l: Option<&Line>, k: &str| l.and_then(|l| l.inputs.get(k)).cloned();
+    let kind: Option<OutcomeKind> = input(finished, "outcome")
+        .and_then(|o| serde_json::from_value(serde_json::Value::String(o)).ok());
+    let reason = finished
+        .and_then(|l| l.reason.as_deref())
+        .map(reason_of)
+        .unwrap_or(ReasonCode::OutcomeUncertain);
+    let rule = finished.and_then(|l| l.rule.clone());
+    let detail = input(finished, "detail").unwrap_or_default();
     let outcome = match kind {
         Some(OutcomeKind::Completed) => Outcome::Completed,
         Some(OutcomeKind::PartialSuccess) => Outcome::PartialSuccess {
-            succeeded: s
-                .hosts
-                .iter()
-                .filter(|h| h.outcome == "Completed")
-                .map(|h| h.host.clone())
-                .collect(),
-            failed: s
-                .hosts
-                .iter()
-                .filter(|h| h.outcome != "Completed")
-                .map(|h| h.host.clone())
-                .collect(),
+            succeeded: Vec::new(),
+            failed: Vec::new(),
         },
         Some(OutcomeKind::EscalationRequired) => Outcome::EscalationRequired {
-            rule,
-            next_command: s.outcome.detail.clone(),
+            rule: rule.clone().unwrap_or_default(),
+            next_command: detail.clone(),
         },
         Some(OutcomeKind::PreflightFailed) => Outcome::PreflightFailed { reason },
         Some(OutcomeKind::TransportUnreachable) => Outcome::TransportUnreachable { reason },
         Some(OutcomeKind::CapabilityMismatch) => Outcome::CapabilityMismatch {
-            capability: s.outcome.detail.clone(),
+            capability: detail.clone(),
         },
         Some(OutcomeKind::ExecutionFailed) => Outcome::ExecutionFailed {
-            step_id: String::new(),
+            step_id: finished.and_then(|l| l.step.clone()).unwrap_or_default(),
             reason,
             exit_code: None,
         },
-        _ => Outcome::PolicyBlocked { reason, rule },
-    };
-    let mode = |m: &str| if m == "full" { Mode::Full } else { Mode::Quick };
-    RunReport {
-        run_id: s.run_id,
-        action: if s.action == "deploy" {
-            Action::Deploy
-        } else {
-            Action::Teardown
+        _ => Outcome::PolicyBlocked {
+            reason,
+            rule: rule.clone().unwrap_or_default(),
         },
-        requested_mode: mode(&s.requested_mode),
-        effective_mode: mode(&s.effective_mode),
+    };
+    let requested_mode = mode_of(started.and_then(|l| l.inputs.get("requested_mode")));
+    let effective_mode = lines
+        .iter()
+        .rev()
+        .find(|l| l.kind == "plan_sealed")
+        .map(|l| mode_of(l.inputs.get("effective_mode")))
+        .unwrap_or(requested_mode);
+    RunReport {
+        run_id,
+        action: record.action,
+        requested_mode,
+        effective_mode,
         outcome,
         reason,
-        rule: s.outcome.rule.clone(),
-        detail: s.outcome.detail.clone(),
+        rule,
+        detail,
         hosts: Vec::new(),
         artifacts: artifacts.display().to_string(),
     }
 }
 
-fn run_dirs(runs_dir: &Path) -> Vec<(Uuid, std::path::PathBuf)> {
+fn run_dirs(runs_dir: &Path) -> Vec<(Uuid, PathBuf)> {
     let Ok(rd) = std::fs::read_dir(runs_dir) else {
         return Vec::new();
     };
-    rd.filter_map(|e| e.ok())
+    let mut dirs: Vec<(Uuid, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
         .filter_map(|e| {
             let id = e.file_name().to_str()?.parse::<Uuid>().ok()?;
             Some((id, e.path()))
         })
-        .collect()
+        .collect();
+    dirs.sort();
+    dirs
 }
 
-/// Registers every run that has a summary.
-pub fn adopt_closed_runs(runs_dir: &Path, coordinator: &mut Coordinator) {
-    for (_, dir) in run_dirs(runs_dir) {
-        let Ok(bytes) = std::fs::read(dir.join("summary.json")) else {
-            continue;
-        };
-        match serde_json::from_slice::<Summary>(&bytes) {
-            Ok(s) => {
-                coordinator.adopt_closed(report_of(&s, &dir), s.requestor.clone(), s.started_ms)
-            }
-            Err(e) => tracing::error!(dir = %dir.display(), error = %e, "unreadable summary.json"),
-        }
-    }
-}
-
-/// Reads the whole lines of a timeline (a torn last line is ignored, as the journal will cut it).
-fn read_lines(dir: &Path) -> Option<Vec<Line>> {
-    let bytes = std::fs::read(dir.join(Journal::FILE)).ok()?;
+/// A run's verified journal lines and its ledger record, or why it is unreadable.
+fn read_run(run_id: Uuid, dir: &Path) -> Result<(Vec<Line>, RunRecord), String> {
+    let path = dir.join(Journal::FILE);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // A torn last line (a crash mid-write) was never fsynced: it is cut, not judged.
     let end = bytes
         .iter()
         .rposition(|b| *b == b'\n')
         .map(|i| i + 1)
         .unwrap_or(0);
-    bytes[..end]
+    let whole = &bytes[..end];
+    let report = crate::journal::chain::verify(run_id, whole, None);
+    if !report.ok {
+        return Err(format!(
+            "{}: line {}: {}",
+            path.display(),
+            report.first_bad_line.unwrap_or(0),
+            report.problem.unwrap_or_default()
+        ));
+    }
+    let lines: Vec<Line> = whole
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
-        .map(|l| parse_line(l).ok())
-        .collect()
+        .map(parse_line)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let facts: Vec<_> = lines.iter().map(ledger_fact).collect();
+    let record = RunRecord::from_journal(&facts).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((lines, record))
 }
 
-/// What the journal of an open run says, for the safety core.
-fn open_run(run_id: Uuid, lines: &[Line], all_hosts: &[String]) -> Option<OpenRun> {
-    let started = lines.iter().find(|l| l.kind == "run_started")?;
-    let action = match started.inputs.get("action").map(String::as_str) {
-        Some("deploy") => Action::Deploy,
-        _ => Action::Teardown,
-    };
-    let requested_mode = match started.inputs.get("requested_mode").map(String::as_str) {
-        Some("quick") => Mode::Quick,
-        _ => Mode::Full,
-    };
-    let targets = match started.inputs.get("targets").map(String::as_str) {
+/// What the journal of an open run says, for the safety core. The targets are those of the
+/// run's last `run_started` (a continuation names the escalation's hosts).
+fn open_run(run_id: Uuid, record: &RunRecord, lines: &[Line], all_hosts: &[String]) -> OpenRun {
+    let started = lines.iter().rev().find(|l| l.kind == "run_started");
+    let requested_mode = mode_of(started.and_then(|l| l.inputs.get("requested_mode")));
+    let targets = match started
+        .and_then(|l| l.inputs.get("targets"))
+        .map(String::as_str)
+    {
         None | Some("(all)") => all_hosts.to_vec(),
         Some(t) => t.split(',').map(str::to_string).collect(),
     };
@@ -160,80 +181,127 @@ fn open_run(run_id: Uuid, lines: &[Line], all_hosts: &[String]) -> Option<OpenRu
             })
         })
         .collect();
-    Some(OpenRun {
+    OpenRun {
         run_id,
-        action,
+        action: record.action,
         requested_mode,
         targets,
         in_flight,
-    })
+    }
 }
 
-/// Closes every run without a summary.
-pub async fn close_open_runs(
+/// What start-up found, for the `Coordinator` to adopt before it takes any intent.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Closed runs (including those this start closed): report, record, start time.
+    pub closed: Vec<(RunReport, RunRecord, u64)>,
+    /// Run ids whose record is unreadable or missing.
+    pub damaged: Vec<(Uuid, Known)>,
+}
+
+/// Reads every run's journal; closes every run that is not closed.
+pub async fn recover(
     runs_dir: &Path,
     hosts: &BTreeMap<String, Addr<HostActor>>,
     recorder: &Addr<Recorder>,
-    coordinator: &Addr<Coordinator>,
     setup: &Setup,
-) {
+) -> Recovered {
     let all_hosts: Vec<String> = setup
         .inventory
         .hosts()
         .iter()
         .map(|h| h.name.clone())
         .collect();
+    let mut out = Recovered::default();
     for (run_id, dir) in run_dirs(runs_dir) {
-        if dir.join("summary.json").exists() || !dir.join(Journal::FILE).exists() {
-            continue;
-        }
-        let Some(lines) = read_lines(&dir) else {
-            tracing::error!(run = %run_id, "timeline is corrupt: the run is left open for inspection (`tollgate runs verify`)");
-            continue;
-        };
-        let Some(open) = open_run(run_id, &lines, &all_hosts) else {
-            tracing::error!(run = %run_id, "timeline has no run_started event: left as is");
-            continue;
-        };
-        let mut answers = BTreeMap::new();
-        for f in &open.in_flight {
-            if let Some(h) = hosts.get(&f.host)
-                && let Ok(answer) = h.send(QueryKey { key: f.key.clone() }).await
-            {
-                answers.insert(f.key.clone(), answer);
-            }
-        }
-        let now = setup.clock.now_ms();
-        let (events, result) = close_after_restart(now, &open, &answers);
-        let appended = match recorder.send(Append { run_id, events }).await {
-            Ok(Ok(a)) => a,
-            other => {
-                tracing::error!(run = %run_id, result = ?other.err(), "could not journal the closing of an open run");
+        let (lines, record) = match read_run(run_id, &dir) {
+            Ok(r) => r,
+            Err(problem) => {
+                tracing::error!(run = %run_id, %problem, "the run's journal cannot be read or does not verify: its id is never reused (`tollgate runs verify`)");
+                out.damaged.push((run_id, Known::Unreadable));
                 continue;
             }
         };
-        let report = result.to_report(&dir.display().to_string());
-        let requestor = lines
-            .iter()
-            .find(|l| l.kind == "run_started")
-            .and_then(|l| l.inputs.get("requestor").cloned())
-            .unwrap_or_default();
-        let mut decisions: Vec<Line> = lines.into_iter().filter(|l| l.decision.is_some()).collect();
-        decisions.extend(appended.lines.into_iter().filter(|l| l.decision.is_some()));
-        let started_ms = decisions.first().map(|l| l.at_ms).unwrap_or(now);
-        let anchor =
-            summary::sign_anchor(&setup.signer, run_id, appended.events, &appended.last_hash);
-        let doc = summary::build(
-            &report, &requestor, false, &decisions, started_ms, now, anchor,
-        );
-        if let Ok(json) = serde_json::to_vec_pretty(&doc) {
-            let _ = recorder.send(WriteSummary { run_id, json }).await;
+        let started_ms = lines.first().map(|l| l.at_ms).unwrap_or(0);
+        if on_restart(record.stage) == OnRestart::Keep {
+            let report = report_from_journal(run_id, &record, &lines, &dir);
+            out.closed.push((report, record, started_ms));
+            continue;
         }
-        tracing::warn!(run = %run_id, in_flight = open.in_flight.len(), "closed a run left open by a previous coordinator");
-        coordinator.do_send(Adopt {
-            report,
-            requestor,
-            started_ms,
-        });
+        match close_run(
+            run_id, &dir, &record, &lines, &all_hosts, hosts, recorder, setup,
+        )
+        .await
+        {
+            Ok(report) => {
+                tracing::warn!(run = %run_id, stage = record.stage.as_str(), "closed a run left open by a previous coordinator");
+                out.closed.push((
+                    report,
+                    RunRecord {
+                        stage: Stage::Closed,
+                        ..record
+                    },
+                    started_ms,
+                ));
+            }
+            Err(problem) => {
+                tracing::error!(run = %run_id, %problem, "could not journal the closing of an open run: its id is never reused");
+                out.damaged.push((run_id, Known::Unreadable));
+            }
+        }
     }
+    out
+}
+
+/// Closes one open run: settles its in-flight steps by their keys, journals the close, writes
+/// its summary.
+#[allow(clippy::too_many_arguments)]
+async fn close_run(
+    run_id: Uuid,
+    dir: &Path,
+    record: &RunRecord,
+    lines: &[Line],
+    all_hosts: &[String],
+    hosts: &BTreeMap<String, Addr<HostActor>>,
+    recorder: &Addr<Recorder>,
+    setup: &Setup,
+) -> Result<RunReport, String> {
+    let open = open_run(run_id, record, lines, all_hosts);
+    let mut answers = BTreeMap::new();
+    for f in &open.in_flight {
+        if let Some(h) = hosts.get(&f.host)
+            && let Ok(answer) = h.send(QueryKey { key: f.key.clone() }).await
+        {
+            answers.insert(f.key.clone(), answer);
+        }
+    }
+    let now = setup.clock.now_ms();
+    let (events, result) = close_after_restart(now, &open, &answers);
+    let appended = match recorder.send(Append { run_id, events }).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let report = result.to_report(&dir.display().to_string());
+    let mut decisions: Vec<Line> = lines
+        .iter()
+        .filter(|l| l.decision.is_some())
+        .cloned()
+        .collect();
+    decisions.extend(appended.lines.into_iter().filter(|l| l.decision.is_some()));
+    let started_ms = lines.first().map(|l| l.at_ms).unwrap_or(now);
+    let anchor = summary::sign_anchor(&setup.signer, run_id, appended.events, &appended.last_hash);
+    let doc = summary::build(
+        &report,
+        &record.requestor,
+        record.shadow,
+        &decisions,
+        started_ms,
+        now,
+        anchor,
+    );
+    if let Ok(json) = serde_json::to_vec_pretty(&doc) {
+        let _ = recorder.send(WriteSummary { run_id, json }).await;
+    }
+    Ok(report)
 }

@@ -354,6 +354,17 @@ impl RunMachine {
     }
 }
 
+/// The timeline event that records a token issued for `claims` (who approved, when it
+/// expires, its nonce), journaled before the token leaves the coordinator.
+pub fn token_issued_event(claims: &Claims) -> TimelineEvent {
+    TimelineEvent::new(claims.issued_at_ms, EventKind::TokenIssued)
+        .decided(Verdict::Allow, super::rules::R011_SEPARATION_OF_DUTIES)
+        .input("approvers", claims.approvers.join(","))
+        .input("operation_hash", &claims.operation_hash)
+        .input("expires_at_ms", claims.expires_at_ms)
+        .input("nonce", claims.nonce_hex())
+}
+
 fn verdict_of(ruling: &Ruling) -> Verdict {
     match ruling.decision {
         Decision::Allow => Verdict::Allow,
@@ -433,7 +444,8 @@ impl Ctx {
                 .input("action", self.intent.action)
                 .input("requested_mode", self.intent.requested_mode)
                 .input("targets", targets)
-                .input("requestor", &self.requestor),
+                .input("requestor", &self.requestor)
+                .input("shadow", self.intent.shadow),
         );
         if !self.draft.unknown_targets().is_empty() {
             return self.admission(out);
@@ -537,6 +549,7 @@ impl Ctx {
             run_id: self.intent.run_id,
             action: self.intent.action,
             requested_mode: self.intent.requested_mode,
+            shadow: self.intent.shadow,
             unknown_targets: self.draft.unknown_targets(),
             hosts: &hosts,
             token,

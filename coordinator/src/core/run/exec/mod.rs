@@ -216,7 +216,7 @@ impl Execution {
 
     fn on_cancel(&mut self, ctx: &mut Ctx, out: &mut Out, reason: &str) -> Next {
         out.record(
-            out.event(EventKind::RunFinished)
+            out.event(EventKind::CancelRequested)
                 .decided(Verdict::Block, rules::E011_CANCELLED)
                 .reason(ReasonCode::Cancelled)
                 .input("cancel_requested", reason)
