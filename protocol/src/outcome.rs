@@ -45,6 +45,8 @@ pub enum ReasonCode {
     Cancelled,
     OutcomeUncertain,
     SpawnFailed,
+    // Journal authenticity.
+    TimelineTampered,
     // Success.
     AllStepsSucceeded,
     SomeHostsFailed,
@@ -84,6 +86,7 @@ impl ReasonCode {
             ReasonCode::Cancelled => "Cancelled",
             ReasonCode::OutcomeUncertain => "OutcomeUncertain",
             ReasonCode::SpawnFailed => "SpawnFailed",
+            ReasonCode::TimelineTampered => "TimelineTampered",
             ReasonCode::AllStepsSucceeded => "AllStepsSucceeded",
             ReasonCode::SomeHostsFailed => "SomeHostsFailed",
         }

@@ -17,8 +17,8 @@ pub struct ApprovalRequest {
     pub operation_hash: String,
     /// Distinct approvers needed (1 or 2).
     pub required: u8,
-    /// Who asked for the run.
-    pub requester: String,
+    /// Everyone who submitted the run (its first submission and any continuation).
+    pub requesters: Vec<String>,
     /// Whether the requester may be one of the approvers (the plan's `self_approval`).
     pub self_approval: bool,
 }
@@ -126,7 +126,7 @@ impl PendingApproval {
                 error: ApprovalError::NotAnApprover(identity.to_owned()),
             }));
         }
-        if identity == self.request.requester && !self.request.self_approval {
+        if !self.request.self_approval && self.request.requesters.iter().any(|r| r == identity) {
             return Err(Box::new(Refused {
                 pending: self,
                 error: ApprovalError::SelfApproval(identity.to_owned()),
@@ -179,7 +179,7 @@ mod tests {
             run_id: Uuid::from_u128(1),
             operation_hash: "h".into(),
             required,
-            requester: "spiffe://f/operator/carol".into(),
+            requesters: vec!["spiffe://f/operator/carol".into()],
             self_approval: false,
         })
     }

@@ -47,6 +47,9 @@ pub struct OpenRun {
     pub targets: Vec<String>,
     /// Steps dispatched without a recorded result.
     pub in_flight: Vec<InFlight>,
+    /// Why lines after the last valid signed checkpoint were quarantined, if they were: the
+    /// run then closes as tampered (`E014`), whatever its steps say.
+    pub quarantined: Option<String>,
 }
 
 /// Closes `open`: the timeline events to journal (in order) and the run's result. `answers`
@@ -162,7 +165,20 @@ pub fn close_after_restart(
     let first_failure = hosts
         .iter()
         .find(|h| matches!(h.outcome, TypedOutcome::ExecutionFailed { .. }));
+    let rule = if open.quarantined.is_some() {
+        rules::E014_UNSIGNED_LINES_QUARANTINED
+    } else {
+        rule
+    };
     let (outcome, reason, verdict) = match first_failure {
+        _ if open.quarantined.is_some() => (
+            TypedOutcome::PolicyBlocked {
+                reason: ReasonCode::TimelineTampered,
+                rule,
+            },
+            ReasonCode::TimelineTampered,
+            Verdict::Block,
+        ),
         Some(h) => (h.outcome.clone(), h.reason, Verdict::Fail),
         None => (
             TypedOutcome::PolicyBlocked {
@@ -175,7 +191,9 @@ pub fn close_after_restart(
     };
     failed.sort();
     failed.dedup();
-    let detail = if failed.is_empty() {
+    let detail = if let Some(why) = &open.quarantined {
+        format!("closed after a coordinator restart as tampered: {why}")
+    } else if failed.is_empty() {
         format!(
             "closed after a coordinator restart; {} in-flight step(s) settled, nothing else ran",
             open.in_flight.len()
@@ -287,6 +305,7 @@ mod tests {
                 f("c", "rm", "k3"),
                 f("d", "rm", "k4"),
             ],
+            quarantined: None,
         };
         let answers = BTreeMap::from([
             (
@@ -382,6 +401,23 @@ mod tests {
                 ..
             }
         ));
+        // Quarantined lines: closed as tampered, whatever the steps say.
+        let tampered = OpenRun {
+            quarantined: Some("lines 7-9 unsigned".into()),
+            ..unanswered
+        };
+        let (events, r) = close_after_restart(9, &tampered, &BTreeMap::new());
+        assert_eq!(
+            r.outcome,
+            TypedOutcome::PolicyBlocked {
+                reason: ReasonCode::TimelineTampered,
+                rule: rules::E014_UNSIGNED_LINES_QUARANTINED
+            }
+        );
+        assert_eq!(
+            events.last().unwrap().rule,
+            Some(rules::E014_UNSIGNED_LINES_QUARANTINED)
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -62,6 +63,127 @@ pub fn seal(seq: u64, prev: &str, event: &TimelineEvent) -> Result<Line, serde_j
     Ok(line)
 }
 
+/// The kind of a signed checkpoint line.
+pub const CHECKPOINT: &str = "checkpoint";
+
+/// What a checkpoint's signature covers: the run, the number of lines before it, and the hash
+/// of the last of them.
+pub fn checkpoint_message(run_id: Uuid, covers: u64, head: &str) -> Vec<u8> {
+    format!("tollgate-checkpoint-v1\n{run_id}\n{covers}\n{head}").into_bytes()
+}
+
+/// The checkpoint line that ends a batch: line `seq`, chained after `prev` (the hash of line
+/// `seq - 1`), signed by the coordinator's key. Anyone with the public key can check that every
+/// line before it is what the coordinator wrote; recomputing the chain without the key cannot
+/// produce it.
+pub fn seal_checkpoint(
+    seq: u64,
+    prev: &str,
+    at_ms: u64,
+    run_id: Uuid,
+    key: &Ed25519KeyPair,
+) -> Result<Line, serde_json::Error> {
+    let covers = seq - 1;
+    let signature = hex::encode(key.sign(&checkpoint_message(run_id, covers, prev)).as_ref());
+    let mut line = Line {
+        seq,
+        at_ms,
+        kind: CHECKPOINT.to_string(),
+        host: None,
+        phase: None,
+        step: None,
+        decision: None,
+        rule: None,
+        reason: None,
+        inputs: BTreeMap::from([
+            ("covers".to_string(), covers.to_string()),
+            ("signature".to_string(), signature),
+        ]),
+        prev: prev.to_string(),
+        hash: String::new(),
+    };
+    line.hash = body_hash(&line)?;
+    Ok(line)
+}
+
+fn checkpoint_is_signed(run_id: Uuid, line: &Line, public_key: &[u8]) -> bool {
+    let covers = line.seq.saturating_sub(1);
+    if line.inputs.get("covers") != Some(&covers.to_string()) {
+        return false;
+    }
+    let Some(sig) = line
+        .inputs
+        .get("signature")
+        .and_then(|s| hex::decode(s).ok())
+    else {
+        return false;
+    };
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(&checkpoint_message(run_id, covers, &line.prev), &sig)
+        .is_ok()
+}
+
+/// [`verify`], and authenticity: every checkpoint's signature must verify with `public_key`,
+/// and every line must be covered by one. `signed` in the answer is the number of lines up to
+/// and including the last valid checkpoint before the first problem: the prefix that the
+/// coordinator provably wrote.
+pub fn verify_signed(
+    run_id: Uuid,
+    bytes: &[u8],
+    anchor: Option<(u64, &str)>,
+    public_key: &[u8],
+) -> VerifyReport {
+    let chain = verify(run_id, bytes, anchor);
+    let mut signed = 0u64;
+    let mut signed_hash = genesis(run_id);
+    for raw in bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .take(chain.events as usize)
+    {
+        let Ok(line) = parse_line(raw) else { break };
+        if line.kind != CHECKPOINT {
+            continue;
+        }
+        if !checkpoint_is_signed(run_id, &line, public_key) {
+            let problem = if signed + 1 < line.seq {
+                format!(
+                    "the checkpoint does not verify with the coordinator's key: one of lines {}-{} is not what the coordinator wrote (edited and the chain recomputed), or the checkpoint was forged",
+                    signed + 1,
+                    line.seq - 1
+                )
+            } else {
+                "the checkpoint does not verify with the coordinator's key (forged)".to_string()
+            };
+            return VerifyReport {
+                ok: false,
+                events: line.seq - 1,
+                signed,
+                first_bad_line: Some(line.seq),
+                problem: Some(problem),
+                last_hash: signed_hash,
+            };
+        }
+        signed = line.seq;
+        signed_hash = line.hash.clone();
+    }
+    if chain.ok && signed < chain.events {
+        return VerifyReport {
+            ok: false,
+            events: chain.events,
+            signed,
+            first_bad_line: Some(signed + 1),
+            problem: Some(format!(
+                "lines {}-{} are not covered by a signed checkpoint (appended without the coordinator's key, or a batch cut short by a crash)",
+                signed + 1,
+                chain.events
+            )),
+            last_hash: signed_hash,
+        };
+    }
+    VerifyReport { signed, ..chain }
+}
+
 /// The exact bytes of a line in the file, newline included.
 pub fn encode(line: &Line) -> Result<Vec<u8>, serde_json::Error> {
     let mut bytes = serde_json::to_vec(line)?;
@@ -87,6 +209,9 @@ pub struct VerifyReport {
     pub ok: bool,
     /// Lines that verified before the first problem (all of them when `ok`).
     pub events: u64,
+    /// Lines covered by a valid signed checkpoint (only [`verify_signed`] counts them; 0 from
+    /// [`verify`]).
+    pub signed: u64,
     /// 1-based line of the first problem.
     pub first_bad_line: Option<u64>,
     pub problem: Option<String>,
@@ -103,6 +228,7 @@ pub fn verify(run_id: Uuid, bytes: &[u8], anchor: Option<(u64, &str)>) -> Verify
     let fail = |line: u64, count: u64, prev: &str, problem: String| VerifyReport {
         ok: false,
         events: count,
+        signed: 0,
         first_bad_line: Some(line),
         problem: Some(problem),
         last_hash: prev.to_string(),
@@ -171,6 +297,7 @@ pub fn verify(run_id: Uuid, bytes: &[u8], anchor: Option<(u64, &str)>) -> Verify
     VerifyReport {
         ok: true,
         events: count,
+        signed: 0,
         first_bad_line: None,
         problem: None,
         last_hash: prev,

@@ -13,7 +13,10 @@ pub mod chain;
 pub mod summary;
 pub mod writer;
 
-pub use chain::{Line, VerifyReport, genesis, verify};
+pub use chain::{Line, VerifyReport, genesis, verify, verify_signed};
+
+/// Where start-up moves timeline lines that no valid signed checkpoint covers.
+pub const QUARANTINE_FILE: &str = "timeline.quarantined.jsonl";
 pub use writer::{Journal, JournalError};
 
 use std::path::Path;
@@ -36,6 +39,7 @@ pub fn verify_run_dir_open(
     let not_ok = |problem: String| VerifyReport {
         ok: false,
         events: 0,
+        signed: 0,
         first_bad_line: None,
         problem: Some(problem),
         last_hash: String::new(),
@@ -59,18 +63,26 @@ pub fn verify_run_bytes(
     let not_ok = |problem: String| VerifyReport {
         ok: false,
         events: 0,
+        signed: 0,
         first_bad_line: None,
         problem: Some(problem),
         last_hash: String::new(),
     };
     // A run this coordinator holds open is anchored by its live head (an escalated run that was
     // re-submitted still has the summary of its first part until it finishes again).
+    let quarantine = dir.join(QUARANTINE_FILE);
+    if quarantine.exists() {
+        return not_ok(format!(
+            "lines of this timeline were not covered by a valid signed checkpoint at a coordinator start and were quarantined in {} (the run was closed as tampered)",
+            quarantine.display()
+        ));
+    }
     if let Some((events, last)) = open_head {
-        return verify(run_id, bytes, Some((events, last.as_str())));
+        return verify_signed(run_id, bytes, Some((events, last.as_str())), public_key);
     }
     let anchor = match std::fs::read(dir.join("summary.json")) {
         Err(_) => {
-            let mut r = verify(run_id, bytes, None);
+            let mut r = verify_signed(run_id, bytes, None, public_key);
             if r.ok {
                 r.ok = false;
                 r.problem = Some(
@@ -86,6 +98,11 @@ pub fn verify_run_bytes(
                 return not_ok("summary.json belongs to another run".into());
             }
             Ok(s) => {
+                if !summary::is_signed(&s, public_key) {
+                    return not_ok(
+                        "summary.json is not signed as a whole by this coordinator (a field was edited, or it was written without the key)".into(),
+                    );
+                }
                 if !summary::anchor_is_signed(public_key, run_id, &s.timeline) {
                     return not_ok(
                         "summary.json's timeline anchor is not signed by this coordinator".into(),
@@ -95,10 +112,11 @@ pub fn verify_run_bytes(
             }
         },
     };
-    verify(
+    verify_signed(
         run_id,
         bytes,
         anchor.as_ref().map(|(n, h)| (*n, h.as_str())),
+        public_key,
     )
 }
 

@@ -28,6 +28,34 @@ pub struct Summary {
     pub started_ms: u64,
     pub finished_ms: u64,
     pub timeline: Anchor,
+    /// Hex Ed25519 signature over the whole document ([`signed_bytes`]): editing any field
+    /// (outcome, requester, decisions, hosts) is detected.
+    #[serde(default)]
+    pub signature: String,
+}
+
+/// What the whole-document signature covers: the summary serialized compactly (field order
+/// is the struct's) with `signature` empty.
+pub fn signed_bytes(doc: &Summary) -> Vec<u8> {
+    let mut body = doc.clone();
+    body.signature.clear();
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// Signs `doc` as a whole.
+pub fn sign(mut doc: Summary, key: &Ed25519KeyPair) -> Summary {
+    doc.signature = hex::encode(key.sign(&signed_bytes(&doc)).as_ref());
+    doc
+}
+
+/// Whether `doc` is signed, as a whole, by `public_key`.
+pub fn is_signed(doc: &Summary, public_key: &[u8]) -> bool {
+    let Ok(sig) = hex::decode(&doc.signature) else {
+        return false;
+    };
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(&signed_bytes(doc), &sig)
+        .is_ok()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,5 +184,6 @@ pub fn build(
         started_ms,
         finished_ms,
         timeline: anchor,
+        signature: String::new(),
     }
 }

@@ -58,6 +58,8 @@ struct RunEntry {
     addr: Option<Addr<RunActor>>,
     record: RunRecord,
     requested_mode: Mode,
+    /// Everyone who submitted it (first submission and continuation): none may approve it.
+    submitters: Vec<String>,
     started_ms: u64,
     last: Option<RunReport>,
 }
@@ -173,6 +175,7 @@ impl Coordinator {
                     ..record
                 },
                 requested_mode: report.requested_mode,
+                submitters: Vec::new(),
                 started_ms,
                 last: Some(report),
             },
@@ -327,7 +330,7 @@ impl Handler<Submit> for Coordinator {
             _ => RunRecord {
                 action: i.action,
                 shadow: i.shadow,
-                requestor: msg.requestor,
+                requestor: msg.requestor.clone(),
                 stage,
             },
         };
@@ -336,12 +339,19 @@ impl Handler<Submit> for Coordinator {
             .get(&i.run_id)
             .map(|e| e.started_ms)
             .unwrap_or(now);
+        let mut submitters = self
+            .runs
+            .get(&i.run_id)
+            .map(|e| e.submitters.clone())
+            .unwrap_or_default();
+        submitters.push(msg.requestor.clone());
         self.runs.insert(
             i.run_id,
             RunEntry {
                 addr: Some(addr),
                 record,
                 requested_mode: i.requested_mode,
+                submitters,
                 started_ms,
                 last: None,
             },
@@ -413,13 +423,14 @@ impl Handler<Approve> for Coordinator {
             ));
         };
         let required = plan.approvals_required;
-        let requester = entry.record.requestor.clone();
+        let mut requesters = entry.submitters.clone();
+        requesters.push(entry.record.requestor.clone());
         let pending = self.approvals.remove(&msg.run_id).unwrap_or_else(|| {
             PendingApproval::new(ApprovalRequest {
                 run_id: msg.run_id,
                 operation_hash: plan_hash,
                 required,
-                requester,
+                requesters,
                 self_approval: plan.self_approval,
             })
         });

@@ -6,25 +6,38 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use actix::prelude::*;
+use ring::signature::Ed25519KeyPair;
 use uuid::Uuid;
 
 use crate::core::timeline::TimelineEvent;
 use crate::journal::{Journal, JournalError, Line};
 use tollgate_certs::files::{Overwrite, Visibility, write_atomic};
 
-#[derive(Debug)]
 pub struct Recorder {
     runs_dir: PathBuf,
     open: HashMap<Uuid, Journal>,
+    /// Signs the checkpoint that ends every batch.
+    key: Arc<Ed25519KeyPair>,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("runs_dir", &self.runs_dir)
+            .field("open", &self.open.len())
+            .finish()
+    }
 }
 
 impl Recorder {
-    pub fn new(runs_dir: PathBuf) -> Self {
+    pub fn new(runs_dir: PathBuf, key: Arc<Ed25519KeyPair>) -> Self {
         Recorder {
             runs_dir,
             open: HashMap::new(),
+            key,
         }
     }
 
@@ -73,8 +86,9 @@ impl Handler<Append> for Recorder {
     type Result = Result<Appended, JournalError>;
 
     fn handle(&mut self, msg: Append, _: &mut Context<Self>) -> Self::Result {
+        let key = self.key.clone();
         let j = self.journal(msg.run_id)?;
-        let lines = j.append(&msg.events)?;
+        let lines = j.append(&msg.events, &key)?;
         let (events, h) = j.head();
         Ok(Appended {
             lines,

@@ -615,6 +615,7 @@ impl RunActor {
                 act.deps.clock.now_ms(),
                 anchor,
             );
+            let doc = summary::sign(doc, &act.deps.signer);
             let json = serde_json::to_vec_pretty(&doc).unwrap_or_default();
             act.deps
                 .recorder

@@ -220,6 +220,7 @@ pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError
             reason: e.to_string(),
         })?;
     let public_key = signer.public_key().as_ref().to_vec();
+    let signer = Arc::new(signer);
     let nonces = NonceStore::open(&state_dir).map_err(|e| ServiceError::Io {
         path: state_dir.clone(),
         reason: e.to_string(),
@@ -228,8 +229,9 @@ pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError
     // The journal writer gets a thread of its own: an fsync never stalls a decision.
     let recorder_arbiter = Arbiter::new();
     let rd = runs_dir.clone();
+    let key = signer.clone();
     let recorder =
-        Recorder::start_in_arbiter(&recorder_arbiter.handle(), move |_| Recorder::new(rd));
+        Recorder::start_in_arbiter(&recorder_arbiter.handle(), move |_| Recorder::new(rd, key));
 
     let connector = AgentConnector::new(
         loaded.identity.clone(),
@@ -255,7 +257,7 @@ pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError
         operations: loaded.operations.clone(),
         clock: clock.clone(),
         issuer: Arc::new(issuer),
-        signer: Arc::new(signer),
+        signer,
         public_key: public_key.clone(),
     };
     // Every run is read and every open one closed before the coordinator takes an intent.

@@ -17,7 +17,7 @@ use crate::core::closed::{InFlight, OpenRun, close_after_restart};
 use crate::core::ledger::{Known, OnRestart, RunRecord, Stage, on_restart};
 use crate::journal::chain::{Line, parse_line};
 use crate::journal::summary;
-use crate::journal::{Journal, ledger_fact};
+use crate::journal::{Journal, QUARANTINE_FILE, ledger_fact, verify_signed};
 use crate::runtime::coordinator::Setup;
 use crate::runtime::host::{HostActor, QueryKey};
 use crate::runtime::recorder::{Append, Recorder, WriteSummary};
@@ -116,8 +116,19 @@ fn run_dirs(runs_dir: &Path) -> Vec<(Uuid, PathBuf)> {
     dirs
 }
 
-/// A run's verified journal lines and its ledger record, or why it is unreadable.
-fn read_run(run_id: Uuid, dir: &Path) -> Result<(Vec<Line>, RunRecord), String> {
+/// What start-up trusts of one run.
+struct ReadRun {
+    /// The lines the coordinator provably wrote (up to the last valid signed checkpoint).
+    lines: Vec<Line>,
+    record: RunRecord,
+    /// Why the lines after them were quarantined, if any were.
+    quarantined: Option<String>,
+}
+
+/// A run's authenticated journal lines and its ledger record, or why it is unreadable. Lines
+/// after the last valid signed checkpoint are never adopted: they are moved to
+/// [`QUARANTINE_FILE`] and the timeline is cut back to what the coordinator signed.
+fn read_run(run_id: Uuid, dir: &Path, public_key: &[u8]) -> Result<ReadRun, String> {
     let path = dir.join(Journal::FILE);
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     // A torn last line (a crash mid-write) was never fsynced: it is cut, not judged.
@@ -127,24 +138,63 @@ fn read_run(run_id: Uuid, dir: &Path) -> Result<(Vec<Line>, RunRecord), String> 
         .map(|i| i + 1)
         .unwrap_or(0);
     let whole = &bytes[..end];
-    let report = crate::journal::chain::verify(run_id, whole, None);
-    if !report.ok {
-        return Err(format!(
+    let report = verify_signed(run_id, whole, None, public_key);
+    let problem = (!report.ok).then(|| {
+        format!(
             "{}: line {}: {}",
             path.display(),
             report.first_bad_line.unwrap_or(0),
-            report.problem.unwrap_or_default()
-        ));
+            report.problem.clone().unwrap_or_default()
+        )
+    });
+    if problem.is_some() && report.signed == 0 {
+        return Err(problem.unwrap_or_default());
     }
-    let lines: Vec<Line> = whole
+    let pieces: Vec<&[u8]> = whole
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
-        .map(parse_line)
+        .collect();
+    let trusted = report.signed.min(pieces.len() as u64) as usize;
+    let lines: Vec<Line> = pieces[..trusted]
+        .iter()
+        .map(|l| parse_line(l))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(why) = &problem {
+        quarantine(&path, dir, &pieces[trusted..], trusted)
+            .map_err(|e| format!("{why}; and it could not be quarantined: {e}"))?;
+    }
     let facts: Vec<_> = lines.iter().map(ledger_fact).collect();
     let record = RunRecord::from_journal(&facts).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok((lines, record))
+    Ok(ReadRun {
+        lines,
+        record,
+        quarantined: problem,
+    })
+}
+
+/// Moves `tail` (the lines after the first `keep`) to the quarantine file, fsynced, then cuts
+/// the timeline back to its first `keep` lines.
+fn quarantine(path: &Path, dir: &Path, tail: &[&[u8]], keep: usize) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut q = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(QUARANTINE_FILE))?;
+    for l in tail {
+        q.write_all(l)?;
+        q.write_all(b"\n")?;
+    }
+    q.sync_all()?;
+    let bytes = std::fs::read(path)?;
+    let cut: usize = bytes
+        .split_inclusive(|b| *b == b'\n')
+        .take(keep)
+        .map(<[u8]>::len)
+        .sum();
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.set_len(cut as u64)?;
+    f.sync_all()
 }
 
 /// What the journal of an open run says, for the safety core. The targets are those of the
@@ -187,6 +237,7 @@ fn open_run(run_id: Uuid, record: &RunRecord, lines: &[Line], all_hosts: &[Strin
         requested_mode,
         targets,
         in_flight,
+        quarantined: None,
     }
 }
 
@@ -214,7 +265,11 @@ pub async fn recover(
         .collect();
     let mut out = Recovered::default();
     for (run_id, dir) in run_dirs(runs_dir) {
-        let (lines, record) = match read_run(run_id, &dir) {
+        let ReadRun {
+            lines,
+            record,
+            quarantined,
+        } = match read_run(run_id, &dir, &setup.public_key) {
             Ok(r) => r,
             Err(problem) => {
                 tracing::error!(run = %run_id, %problem, "the run's journal cannot be read or does not verify: its id is never reused (`tollgate runs verify`)");
@@ -222,17 +277,29 @@ pub async fn recover(
                 continue;
             }
         };
+        if let Some(why) = &quarantined {
+            tracing::error!(run = %run_id, problem = %why, "timeline lines not covered by a signed checkpoint were quarantined (rule E014); the run closes as tampered");
+        }
         let started_ms = lines.first().map(|l| l.at_ms).unwrap_or(0);
         if on_restart(record.stage) == OnRestart::Keep {
             let report = report_from_journal(run_id, &record, &lines, &dir);
+            // Closed in its journal, but the process died before its summary was written
+            // (or the summary is another part's, or damaged): rebuilt from the signed lines.
+            if !summary_matches(&dir, run_id, &lines, &setup.public_key) {
+                tracing::warn!(run = %run_id, "the closed run's summary.json did not match its journal: rewritten from the journal");
+                write_summary(run_id, &report, &record, &lines, recorder, setup).await;
+            }
             out.closed.push((report, record, started_ms));
             continue;
         }
-        match close_run(
-            run_id, &dir, &record, &lines, &all_hosts, hosts, recorder, setup,
-        )
-        .await
-        {
+        let closing = Closing {
+            run_id,
+            dir: &dir,
+            record: &record,
+            lines: &lines,
+            quarantined,
+        };
+        match close_run(closing, &all_hosts, hosts, recorder, setup).await {
             Ok(report) => {
                 tracing::warn!(run = %run_id, stage = record.stage.as_str(), "closed a run left open by a previous coordinator");
                 out.closed.push((
@@ -253,20 +320,80 @@ pub async fn recover(
     out
 }
 
-/// Closes one open run: settles its in-flight steps by their keys, journals the close, writes
-/// its summary.
-#[allow(clippy::too_many_arguments)]
-async fn close_run(
+/// Whether `dir/summary.json` is signed and anchors exactly `lines`.
+fn summary_matches(dir: &Path, run_id: Uuid, lines: &[Line], public_key: &[u8]) -> bool {
+    let Ok(bytes) = std::fs::read(dir.join("summary.json")) else {
+        return false;
+    };
+    let Ok(doc) = serde_json::from_slice::<summary::Summary>(&bytes) else {
+        return false;
+    };
+    doc.run_id == run_id
+        && summary::is_signed(&doc, public_key)
+        && doc.timeline.events == lines.len() as u64
+        && lines.last().map(|l| l.hash.as_str()) == Some(doc.timeline.last_hash.as_str())
+}
+
+/// Writes the signed summary of a closed run from its journal lines.
+async fn write_summary(
     run_id: Uuid,
-    dir: &Path,
+    report: &RunReport,
     record: &RunRecord,
     lines: &[Line],
+    recorder: &Addr<Recorder>,
+    setup: &Setup,
+) {
+    let decisions: Vec<Line> = lines
+        .iter()
+        .filter(|l| l.decision.is_some())
+        .cloned()
+        .collect();
+    let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
+        return;
+    };
+    let anchor = summary::sign_anchor(&setup.signer, run_id, lines.len() as u64, &last.hash);
+    let doc = summary::build(
+        report,
+        &record.requestor,
+        record.shadow,
+        &decisions,
+        first.at_ms,
+        last.at_ms,
+        anchor,
+    );
+    let doc = summary::sign(doc, &setup.signer);
+    if let Ok(json) = serde_json::to_vec_pretty(&doc) {
+        let _ = recorder.send(WriteSummary { run_id, json }).await;
+    }
+}
+
+/// One open run to close.
+struct Closing<'a> {
+    run_id: Uuid,
+    dir: &'a Path,
+    record: &'a RunRecord,
+    lines: &'a [Line],
+    quarantined: Option<String>,
+}
+
+/// Closes one open run: settles its in-flight steps by their keys, journals the close, writes
+/// its summary.
+async fn close_run(
+    c: Closing<'_>,
     all_hosts: &[String],
     hosts: &BTreeMap<String, Addr<HostActor>>,
     recorder: &Addr<Recorder>,
     setup: &Setup,
 ) -> Result<RunReport, String> {
-    let open = open_run(run_id, record, lines, all_hosts);
+    let Closing {
+        run_id,
+        dir,
+        record,
+        lines,
+        quarantined,
+    } = c;
+    let mut open = open_run(run_id, record, lines, all_hosts);
+    open.quarantined = quarantined;
     let mut answers = BTreeMap::new();
     for f in &open.in_flight {
         if let Some(h) = hosts.get(&f.host)
@@ -300,6 +427,7 @@ async fn close_run(
         now,
         anchor,
     );
+    let doc = summary::sign(doc, &setup.signer);
     if let Ok(json) = serde_json::to_vec_pretty(&doc) {
         let _ = recorder.send(WriteSummary { run_id, json }).await;
     }
