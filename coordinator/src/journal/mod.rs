@@ -10,6 +10,7 @@
 //! target call; [`writer`] owns the file.
 
 pub mod chain;
+pub mod index;
 pub mod summary;
 pub mod writer;
 

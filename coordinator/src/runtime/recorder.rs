@@ -13,6 +13,7 @@ use ring::signature::Ed25519KeyPair;
 use uuid::Uuid;
 
 use crate::core::timeline::TimelineEvent;
+use crate::journal::index::RunIndex;
 use crate::journal::{Journal, JournalError, Line};
 use tollgate_certs::files::{Overwrite, Visibility, write_atomic};
 
@@ -21,6 +22,8 @@ pub struct Recorder {
     open: HashMap<Uuid, Journal>,
     /// Signs the checkpoint that ends every batch.
     key: Arc<Ed25519KeyPair>,
+    /// Every run id ever created here; a new run is indexed before its first line.
+    index: RunIndex,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -33,20 +36,29 @@ impl std::fmt::Debug for Recorder {
 }
 
 impl Recorder {
-    pub fn new(runs_dir: PathBuf, key: Arc<Ed25519KeyPair>) -> Self {
+    pub fn new(runs_dir: PathBuf, key: Arc<Ed25519KeyPair>, index: RunIndex) -> Self {
         Recorder {
             runs_dir,
             open: HashMap::new(),
             key,
+            index,
         }
     }
 
-    fn journal(&mut self, run_id: Uuid) -> Result<&mut Journal, JournalError> {
+    fn journal(&mut self, run_id: Uuid, at_ms: u64) -> Result<&mut Journal, JournalError> {
         if !self.open.contains_key(&run_id) {
             let dir = self.runs_dir.join(run_id.to_string());
             let j = if dir.join(Journal::FILE).exists() {
                 Journal::recover(&dir, run_id)?.0
+            } else if self.index.contains(run_id) {
+                // Its directory was deleted or renamed: never a fresh journal under its id.
+                return Err(JournalError::Corrupt {
+                    path: dir.join(Journal::FILE),
+                    line: 0,
+                    problem: "the run index lists this run but its timeline is missing".into(),
+                });
             } else {
+                self.index.append(run_id, at_ms, &self.key)?;
                 Journal::create(&dir, run_id)?
             };
             self.open.insert(run_id, j);
@@ -87,7 +99,8 @@ impl Handler<Append> for Recorder {
 
     fn handle(&mut self, msg: Append, _: &mut Context<Self>) -> Self::Result {
         let key = self.key.clone();
-        let j = self.journal(msg.run_id)?;
+        let at_ms = msg.events.first().map(|e| e.at_ms).unwrap_or(0);
+        let j = self.journal(msg.run_id, at_ms)?;
         let lines = j.append(&msg.events, &key)?;
         let (events, h) = j.head();
         Ok(Appended {
@@ -141,5 +154,20 @@ impl Handler<Head> for Recorder {
             let (n, h) = j.head();
             (n, h.to_string())
         })
+    }
+}
+
+/// Whether the run index names a run (created here at some time).
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct Indexed {
+    pub run_id: Uuid,
+}
+
+impl Handler<Indexed> for Recorder {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Indexed, _: &mut Context<Self>) -> Self::Result {
+        self.index.contains(msg.run_id)
     }
 }

@@ -21,7 +21,7 @@ use crate::journal::{self, Journal};
 use crate::runtime::coordinator::{
     Approve, ApproveResult, CancelRun, Coordinator, ExecuteRun, PlanShow, RunsList, Status, Submit,
 };
-use crate::runtime::recorder::{Head, Recorder};
+use crate::runtime::recorder::{Head, Indexed, Recorder};
 use crate::runtime::run::RunUpdate;
 
 #[derive(Debug)]
@@ -240,6 +240,22 @@ async fn read_timeline(ctx: &CtlContext, run_id: Uuid) -> Option<Timeline> {
     Some(Timeline { lines, problem })
 }
 
+/// The answer for a run whose timeline is not there: missing if the signed index names it
+/// (deleted or renamed), unknown otherwise.
+async fn no_timeline(ctx: &CtlContext, run_id: Uuid) -> CtlResponse {
+    if ctx.recorder.send(Indexed { run_id }).await.unwrap_or(false) {
+        err(
+            CtlErrorCode::RunMissing,
+            format!(
+                "run {run_id} is in the signed run index but {} is missing (deleted or renamed)",
+                run_dir(ctx, run_id).display()
+            ),
+        )
+    } else {
+        err(CtlErrorCode::UnknownRun, format!("no run {run_id}"))
+    }
+}
+
 fn run_dir(ctx: &CtlContext, run_id: Uuid) -> PathBuf {
     ctx.runs_dir.join(run_id.to_string())
 }
@@ -295,19 +311,19 @@ async fn answer(ctx: &CtlContext, peer: &str, req: CtlRequest) -> CtlResponse {
         CtlRequest::RunsShow { run_id } => {
             match std::fs::read_to_string(run_dir(ctx, run_id).join("summary.json")) {
                 Ok(json) => CtlResponse::Summary { json },
+                Err(_) if !run_dir(ctx, run_id).join(Journal::FILE).exists() => {
+                    no_timeline(ctx, run_id).await
+                }
                 Err(_) => err(
                     CtlErrorCode::UnknownRun,
-                    format!("run {run_id} has no summary (unknown, or still open)"),
+                    format!("run {run_id} has no summary yet (still open)"),
                 ),
             }
         }
         CtlRequest::RunsVerify { run_id } => {
             let dir = run_dir(ctx, run_id);
             if !dir.join(Journal::FILE).exists() {
-                return err(
-                    CtlErrorCode::UnknownRun,
-                    format!("no timeline for run {run_id}"),
-                );
+                return no_timeline(ctx, run_id).await;
             }
             let head = ctx.recorder.send(Head { run_id }).await.ok().flatten();
             let r = journal::verify_run_dir_open(&dir, run_id, &ctx.public_key, head);
@@ -321,10 +337,7 @@ async fn answer(ctx: &CtlContext, peer: &str, req: CtlRequest) -> CtlResponse {
         }
         CtlRequest::Explain { run_id } => {
             let Some(t) = read_timeline(ctx, run_id).await else {
-                return err(
-                    CtlErrorCode::UnknownRun,
-                    format!("no timeline for run {run_id}"),
-                );
+                return no_timeline(ctx, run_id).await;
             };
             let mut lines: Vec<String> = Vec::new();
             if let Some(problem) = &t.problem {
@@ -337,10 +350,10 @@ async fn answer(ctx: &CtlContext, peer: &str, req: CtlRequest) -> CtlResponse {
         }
         CtlRequest::RunsDiff { a, b } => {
             let Some(ta) = read_timeline(ctx, a).await else {
-                return err(CtlErrorCode::UnknownRun, format!("no timeline for run {a}"));
+                return no_timeline(ctx, a).await;
             };
             let Some(tb) = read_timeline(ctx, b).await else {
-                return err(CtlErrorCode::UnknownRun, format!("no timeline for run {b}"));
+                return no_timeline(ctx, b).await;
             };
             let problem = match (&ta.problem, &tb.problem) {
                 (Some(p), _) => Some(format!("run {a} does not verify ({p})")),

@@ -20,6 +20,7 @@ use tollgate_protocol::CTL_ALPN;
 
 use crate::config::{self, CoordinatorConfig, Inventory, Operations, PsTarget, Transport};
 use crate::core::token::TokenIssuer;
+use crate::journal::index::RunIndex;
 use crate::runtime::clock::Clock;
 use crate::runtime::coordinator::{Coordinator, Setup};
 use crate::runtime::host::{HostActor, Reach};
@@ -228,10 +229,18 @@ pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError
 
     // The journal writer gets a thread of its own: an fsync never stalls a decision.
     let recorder_arbiter = Arbiter::new();
+    let index = RunIndex::open(&runs_dir, &public_key).map_err(|e| ServiceError::Io {
+        path: runs_dir.join(crate::journal::index::FILE),
+        reason: format!(
+            "{e}; the signed run index cannot be trusted, so the coordinator does not start (move it aside to inspect it; every run it named will then read as unindexed)"
+        ),
+    })?;
+    let indexed = index.ids().clone();
     let rd = runs_dir.clone();
     let key = signer.clone();
-    let recorder =
-        Recorder::start_in_arbiter(&recorder_arbiter.handle(), move |_| Recorder::new(rd, key));
+    let recorder = Recorder::start_in_arbiter(&recorder_arbiter.handle(), move |_| {
+        Recorder::new(rd, key, index)
+    });
 
     let connector = AgentConnector::new(
         loaded.identity.clone(),
@@ -261,7 +270,7 @@ pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError
         public_key: public_key.clone(),
     };
     // Every run is read and every open one closed before the coordinator takes an intent.
-    let recovered = recovery::recover(&runs_dir, &hosts, &recorder, &setup).await;
+    let recovered = recovery::recover(&runs_dir, &indexed, &hosts, &recorder, &setup).await;
     let mut coordinator_state =
         Coordinator::new(setup.clone(), hosts.clone(), recorder.clone(), nonces);
     for (report, record, started_ms) in recovered.closed {

@@ -253,6 +253,7 @@ pub struct Recovered {
 /// Reads every run's journal; closes every run that is not closed.
 pub async fn recover(
     runs_dir: &Path,
+    indexed: &BTreeSet<Uuid>,
     hosts: &BTreeMap<String, Addr<HostActor>>,
     recorder: &Addr<Recorder>,
     setup: &Setup,
@@ -264,7 +265,18 @@ pub async fn recover(
         .map(|h| h.name.clone())
         .collect();
     let mut out = Recovered::default();
-    for (run_id, dir) in run_dirs(runs_dir) {
+    let dirs = run_dirs(runs_dir);
+    let present: BTreeSet<Uuid> = dirs.iter().map(|(id, _)| *id).collect();
+    for missing in indexed.difference(&present) {
+        tracing::error!(run = %missing, "the signed run index lists this run but its directory is missing (deleted or renamed): its id is never reused");
+        out.damaged.push((*missing, Known::Missing));
+    }
+    for (run_id, dir) in dirs {
+        if !indexed.contains(&run_id) {
+            tracing::error!(run = %run_id, dir = %dir.display(), "a run directory that the signed run index does not name (planted, or renamed from another id): not adopted");
+            out.damaged.push((run_id, Known::Unreadable));
+            continue;
+        }
         let ReadRun {
             lines,
             record,
