@@ -237,7 +237,7 @@ mod tests {
         // A line re-signed by another key.
         let other = Ed25519KeyPair::from_seed_unchecked(&[1; 32]).unwrap();
         let d2 = tempfile::tempdir().unwrap();
-        let mut forged = RunIndex::open(d2.path(), &other.public_key().as_ref().to_vec()).unwrap();
+        let mut forged = RunIndex::open(d2.path(), other.public_key().as_ref()).unwrap();
         forged.append(Uuid::from_u128(1), 101, &other).unwrap();
         let forged_bytes = std::fs::read(d2.path().join(FILE)).unwrap();
         assert_eq!(verify(&forged_bytes, &public).unwrap_err().0, 1);
