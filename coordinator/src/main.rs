@@ -1,7 +1,7 @@
 //! `tollgate`: the operator's CLI and the coordinator service.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -116,8 +116,19 @@ enum RunsCommand {
     Show {
         run: Uuid,
     },
+    /// Verify a run's timeline and summary: through the coordinator (`runs verify RUN`), or
+    /// offline by an auditor with nothing but the run's directory and the coordinator's
+    /// public key (`runs verify --dir RUN_DIR --key token-signing.pub`).
     Verify {
-        run: Uuid,
+        #[arg(required_unless_present = "dir")]
+        run: Option<Uuid>,
+        /// Verify this run directory offline (needs --key).
+        #[arg(long, requires = "key")]
+        dir: Option<PathBuf>,
+        /// The coordinator's public key file (hex, written by `tollgate serve` beside its
+        /// signing key as token-signing.pub).
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
     /// Do two runs take the same decisions (e.g. a shadow run against the real one)? Exit 0 at
     /// parity, 6 when they differ, 5 when a timeline does not verify.
@@ -419,7 +430,9 @@ fn request_for(cmd: Command) -> CtlRequest {
         Command::Status => CtlRequest::Status,
         Command::Runs(RunsCommand::List) => CtlRequest::RunsList,
         Command::Runs(RunsCommand::Show { run }) => CtlRequest::RunsShow { run_id: run },
-        Command::Runs(RunsCommand::Verify { run }) => CtlRequest::RunsVerify { run_id: run },
+        Command::Runs(RunsCommand::Verify { run, .. }) => CtlRequest::RunsVerify {
+            run_id: run.unwrap_or_default(),
+        },
         Command::Runs(RunsCommand::Diff { a, b }) => CtlRequest::RunsDiff { a, b },
         Command::Explain { run } => CtlRequest::Explain { run_id: run },
         Command::Serve { .. } | Command::Certs(_) | Command::Demo { .. } => CtlRequest::Status,
@@ -506,7 +519,56 @@ fn main() -> ExitCode {
                 EXIT_USAGE
             }
         },
+        Command::Runs(RunsCommand::Verify {
+            run,
+            dir: Some(dir),
+            key: Some(key),
+        }) => verify_offline(run, &dir, &key, cli.json),
         other => remote(cli.client, cli.json, other),
     };
     ExitCode::from(code)
+}
+
+/// `tollgate runs verify --dir RUN_DIR --key PUB`: no coordinator, only files.
+fn verify_offline(run: Option<Uuid>, dir: &Path, key: &Path, json: bool) -> u8 {
+    let public_key = match std::fs::read_to_string(key)
+        .map_err(|e| e.to_string())
+        .and_then(|t| hex::decode(t.trim()).map_err(|e| format!("not a hex key: {e}")))
+    {
+        Ok(k) if k.len() == 32 => k,
+        Ok(k) => {
+            eprintln!(
+                "tollgate: {}: an Ed25519 public key is 32 bytes, this is {}",
+                key.display(),
+                k.len()
+            );
+            return EXIT_USAGE;
+        }
+        Err(e) => {
+            eprintln!("tollgate: {}: {e}", key.display());
+            return EXIT_USAGE;
+        }
+    };
+    let from_dir = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse::<Uuid>().ok());
+    let Some(run_id) = run.or(from_dir) else {
+        eprintln!(
+            "tollgate: {}: the directory is not named after a run id; pass the run id too",
+            dir.display()
+        );
+        return EXIT_USAGE;
+    };
+    let r = tollgate_coordinator::journal::verify_run_dir(dir, run_id, &public_key);
+    show(
+        CtlResponse::Verified(tollgate_protocol::ctl::VerifyReport {
+            run_id,
+            ok: r.ok,
+            events: r.events,
+            first_bad_line: r.first_bad_line,
+            problem: r.problem,
+        }),
+        json,
+    )
 }

@@ -81,6 +81,11 @@ pub fn verify_run_bytes(
     if let Some((events, last)) = open_head {
         return verify_signed(run_id, bytes, Some((events, last.as_str())), public_key);
     }
+    // The lines first, so a damaged line is named even when the summary is damaged too.
+    let lines = verify_signed(run_id, bytes, None, public_key);
+    if !lines.ok {
+        return lines;
+    }
     let anchor = match std::fs::read(dir.join("summary.json")) {
         Err(_) => {
             let mut r = verify_signed(run_id, bytes, None, public_key);

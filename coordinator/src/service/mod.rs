@@ -93,6 +93,27 @@ fn signing_key(path: &Path) -> Result<Vec<u8>, ServiceError> {
     }
 }
 
+/// Where the public half of the signing key lives: beside it, `.pub`, hex. Auditors verify
+/// runs offline with it (`tollgate runs verify --dir RUN_DIR --key FILE`).
+pub fn public_key_path(signing_key: &Path) -> PathBuf {
+    signing_key.with_extension("pub")
+}
+
+fn write_public_key(signing_key: &Path, key: &Ed25519KeyPair) -> Result<(), ServiceError> {
+    let path = public_key_path(signing_key);
+    let text = format!("{}\n", hex::encode(key.public_key().as_ref()));
+    if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+        return Ok(());
+    }
+    write_atomic(
+        &path,
+        text.as_bytes(),
+        Visibility::Public,
+        Overwrite::Replace,
+    )?;
+    Ok(())
+}
+
 /// Loads `coordinator.toml` and everything it points at.
 pub fn load(config_path: &Path) -> Result<Loaded, ServiceError> {
     let config = config::load_coordinator(config_path)?;
@@ -221,6 +242,7 @@ pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError
             reason: e.to_string(),
         })?;
     let public_key = signer.public_key().as_ref().to_vec();
+    write_public_key(&loaded.config.tokens.signing_key, &signer)?;
     let signer = Arc::new(signer);
     let nonces = NonceStore::open(&state_dir).map_err(|e| ServiceError::Io {
         path: state_dir.clone(),

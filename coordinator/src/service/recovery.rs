@@ -295,9 +295,11 @@ pub async fn recover(
         let started_ms = lines.first().map(|l| l.at_ms).unwrap_or(0);
         if on_restart(record.stage) == OnRestart::Keep {
             let report = report_from_journal(run_id, &record, &lines, &dir);
-            // Closed in its journal, but the process died before its summary was written
-            // (or the summary is another part's, or damaged): rebuilt from the signed lines.
-            if !summary_matches(&dir, run_id, &lines, &setup.public_key) {
+            // Closed in its journal, but the process died before its summary was written (none,
+            // or the escalation's, anchoring fewer lines): rebuilt from the signed lines. A
+            // summary that does not verify is left as it is: it is evidence, and `runs verify`
+            // reports it.
+            if summary_is_stale(&dir, run_id, &lines, &setup.public_key) {
                 tracing::warn!(run = %run_id, "the closed run's summary.json did not match its journal: rewritten from the journal");
                 write_summary(run_id, &report, &record, &lines, recorder, setup).await;
             }
@@ -332,18 +334,18 @@ pub async fn recover(
     out
 }
 
-/// Whether `dir/summary.json` is signed and anchors exactly `lines`.
-fn summary_matches(dir: &Path, run_id: Uuid, lines: &[Line], public_key: &[u8]) -> bool {
+/// Whether a closed run's summary must be (re)written: there is none, or it is a genuine,
+/// signed summary of an earlier part of the run (fewer lines than the journal now has).
+fn summary_is_stale(dir: &Path, run_id: Uuid, lines: &[Line], public_key: &[u8]) -> bool {
     let Ok(bytes) = std::fs::read(dir.join("summary.json")) else {
-        return false;
+        return true;
     };
     let Ok(doc) = serde_json::from_slice::<summary::Summary>(&bytes) else {
         return false;
     };
     doc.run_id == run_id
         && summary::is_signed(&doc, public_key)
-        && doc.timeline.events == lines.len() as u64
-        && lines.last().map(|l| l.hash.as_str()) == Some(doc.timeline.last_hash.as_str())
+        && doc.timeline.events < lines.len() as u64
 }
 
 /// Writes the signed summary of a closed run from its journal lines.
