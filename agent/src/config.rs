@@ -65,6 +65,8 @@ pub struct TlsPaths {
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The file it was read from (errors found later name it).
+    pub source: PathBuf,
     pub listen: std::net::SocketAddr,
     pub state_dir: PathBuf,
     pub coordinator_id: SpiffeId,
@@ -174,6 +176,7 @@ pub fn parse(text: &str, file: &Path) -> Result<AgentConfig, AgentError> {
             positive("shutdown_grace_secs", raw.shutdown_grace_secs, 10, 3600)? as u64,
         );
     Ok(AgentConfig {
+        source: file.to_path_buf(),
         listen,
         state_dir: resolve(raw.state_dir),
         coordinator_id,

@@ -63,6 +63,16 @@ fn software() -> String {
 /// Loads certificates, opens the store and binds the endpoint.
 pub fn bind(cfg: &AgentConfig) -> Result<Listening, AgentError> {
     let identity = TlsIdentity::load(&cfg.tls.cert, &cfg.tls.key)?;
+    if identity.id.role() != tollgate_certs::Role::Agent {
+        return Err(AgentError::Config {
+            file: cfg.source.clone(),
+            key: "tls.cert".into(),
+            reason: format!(
+                "{} is not an agent certificate: an agent runs only as spiffe://FLEET/agent/HOST",
+                identity.id
+            ),
+        });
+    }
     let trust = TrustStore::load(&cfg.tls.ca, &cfg.tls.crl)?;
     let server_cfg = quic::server_config(
         &identity,

@@ -67,3 +67,36 @@ fn unreadable_certificate_is_named_and_nothing_listens() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.crt"));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
 }
+
+#[test]
+fn an_operator_certificate_is_refused_as_the_agent_identity() {
+    use tollgate_certs::files::Overwrite;
+    use tollgate_certs::pki::Pki;
+    use tollgate_certs::{Role, SpiffeId};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), "f").unwrap();
+    pki.issue(Role::Operator, Some("alice"), Overwrite::Refuse)
+        .unwrap();
+    let (cert, key) = pki.leaf_paths(&SpiffeId::new("f", Role::Operator, Some("alice")).unwrap());
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\ncoordinator_id = \"spiffe://f/coordinator\"\n[tls]\nca = {:?}\ncert = {cert:?}\nkey = {key:?}\ncrl = {:?}\n",
+            dir.path().join("state"),
+            pki.ca_cert_path(),
+            pki.crl_path()
+        ),
+    )
+    .unwrap();
+    let out = agent(&path);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("agent.toml")
+            && err.contains("tls.cert")
+            && err.contains("not an agent certificate"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+}

@@ -173,8 +173,8 @@ enum CertsCommand {
         /// Host name for agents, person or robot name for operators; none for the coordinator.
         #[arg(long)]
         name: Option<String>,
-        /// Lifetime in days (default 365).
-        #[arg(long)]
+        /// Lifetime in days, 1 to 3650 (default 365); a certificate is never born expired.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..=3650))]
         days: Option<i64>,
         /// Replace an existing certificate and key of the same identity.
         #[arg(long)]

@@ -212,4 +212,17 @@ fn bad_names_and_missing_dirs_fail_with_reasons() {
         String::from_utf8_lossy(&out.stderr).contains("need a name"),
         "{out:?}"
     );
+    // A certificate is never born expired, nor made to outlive ten years.
+    for days in ["-1", "0", "3651"] {
+        let days = format!("--days={days}");
+        let out = tollgate(&[
+            "certs", "issue", "--dir", d, "--role", "agent", "--name", "web1", &days,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "--days {days}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--days"),
+            "{out:?}"
+        );
+        assert!(!tmp.path().join("pki").join("agent-web1.crt").exists());
+    }
 }

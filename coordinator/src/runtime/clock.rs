@@ -2,7 +2,9 @@
 //!
 //! Tests move time without waiting: `TOLLGATE_CLOCK_OFFSET_MS` sets a fixed offset at start, and
 //! `TOLLGATE_CLOCK_OFFSET_FILE` names a file whose integer content (milliseconds, may be negative)
-//! is added on every reading, so a test can expire a token while the coordinator runs.
+//! is added on every reading, so a test can expire a token while the coordinator runs. Both
+//! exist only in debug builds (what `cargo test` runs): a release `tollgate serve` ignores them
+//! and says so, so no file on disk can move a production coordinator's token expiry.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +29,24 @@ impl Clock {
         }
     }
 
-    /// The system clock, adjusted by the test variables described in the module docs.
+    /// The system clock, adjusted by the test variables described in the module docs (debug
+    /// builds only).
+    #[cfg(not(debug_assertions))]
+    pub fn from_env() -> Self {
+        for var in ["TOLLGATE_CLOCK_OFFSET_MS", "TOLLGATE_CLOCK_OFFSET_FILE"] {
+            if std::env::var_os(var).is_some() {
+                tracing::warn!(
+                    var,
+                    "ignored: clock offsets are a test hook of debug builds"
+                );
+            }
+        }
+        Clock::system()
+    }
+
+    /// The system clock, adjusted by the test variables described in the module docs (debug
+    /// builds only).
+    #[cfg(debug_assertions)]
     pub fn from_env() -> Self {
         let fixed = std::env::var("TOLLGATE_CLOCK_OFFSET_MS")
             .ok()
