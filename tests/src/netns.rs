@@ -95,6 +95,13 @@ impl Rng {
 /// The seed of a scenario: `TOLLGATE_FAULT_SEED` if set, else fresh. Printed either way, with the
 /// command that replays it.
 pub fn scenario_seed(scenario: &str) -> u64 {
+    seed_for("--test faults_netns --test faults_abuse", scenario)
+}
+
+/// The seed of `scenario` in the test binaries `tests` (as cargo names them, e.g. `--test
+/// ledger_seams`): `TOLLGATE_FAULT_SEED` if set, else fresh. Printed either way, with the
+/// command that replays it.
+pub fn seed_for(tests: &str, scenario: &str) -> u64 {
     let seed = std::env::var("TOLLGATE_FAULT_SEED")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
@@ -106,7 +113,7 @@ pub fn scenario_seed(scenario: &str) -> u64 {
             Rng::new(t ^ u64::from(std::process::id()).rotate_left(32)).next_u64()
         });
     eprintln!(
-        "fault seed = {seed} (scenario {scenario}; replay with TOLLGATE_FAULT_SEED={seed} cargo test -p tollgate-tests --test faults_netns --test faults_abuse {scenario})"
+        "fault seed = {seed} (scenario {scenario}; replay with TOLLGATE_FAULT_SEED={seed} cargo test -p tollgate-tests {tests} {scenario})"
     );
     seed
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tollgate_tests::lab::{CliOut, DEFAULT_HOSTS, Lab};
-use tollgate_tests::netns::Rng;
+use tollgate_tests::netns::{self, Rng};
 
 /// Bound for anything the test waits on (never a synchronisation sleep).
 const WAIT: Duration = Duration::from_secs(60);
@@ -40,23 +40,17 @@ const CLOSED_STATES: &[&str] = &[
     "ExecutionFailed",
 ];
 
-/// The seed: `TOLLGATE_FAULT_SEED` if set (as the fault suites do), else fresh. Printed with
+/// The seed: `TOLLGATE_FAULT_SEED` if set (as the fault suites do), else fresh; printed with
 /// the command that replays it.
 fn seed(test: &str) -> u64 {
-    let seed = std::env::var("TOLLGATE_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or_else(|| {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            Rng::new(t ^ u64::from(std::process::id()).rotate_left(32)).next_u64()
-        });
-    eprintln!(
-        "fault seed = {seed} (replay with TOLLGATE_FAULT_SEED={seed} cargo test -p tollgate-tests --test ledger_seams {test})"
-    );
-    seed
+    netns::seed_for("--test ledger_seams", test)
+}
+
+/// `who` approves `run`'s plan `hash`.
+async fn approve(lab: &Lab, run: &str, hash: &str, who: &str) -> CliOut {
+    lab.cli(who, &["approve", run, "--operation-hash", hash])
+        .await
+        .unwrap()
 }
 
 /// The `{code, message}` error code of a refused request.
@@ -631,25 +625,17 @@ async fn the_requester_never_approves_and_a_plan_gets_one_token() {
         .unwrap();
     assert_eq!(plan.outcome(), "ConfirmationRequired", "{plan:?}");
     let hash = operation_hash(&plan);
-    let approve = |who: &'static str| {
-        let (lab, run, hash) = (&lab, run.clone(), hash.clone());
-        async move {
-            lab.cli(who, &["approve", &run, "--operation-hash", &hash])
-                .await
-                .unwrap()
-        }
-    };
-    let own = approve("alice").await;
+    let own = approve(&lab, &run, &hash, "alice").await;
     assert_eq!(
         (own.code, error_code(&own).as_str(), token_of(&own)),
         (4, "SelfApproval", None),
         "{own:?}"
     );
-    let bobs = approve("bob").await;
+    let bobs = approve(&lab, &run, &hash, "bob").await;
     assert_eq!(bobs.code, 0, "{bobs:?}");
     let token = token_of(&bobs).unwrap_or_else(|| panic!("{bobs:?}"));
     for who in ["bob", "alice"] {
-        let second = approve(who).await;
+        let second = approve(&lab, &run, &hash, who).await;
         assert_eq!(second.code, 4, "{who}: {second:?}");
         assert_eq!(
             token_of(&second),
@@ -698,21 +684,13 @@ async fn the_requester_never_approves_and_a_plan_gets_one_token() {
         "{plan:?}"
     );
     let hash = operation_hash(&plan);
-    let approve = |who: &'static str| {
-        let (lab, run, hash) = (&lab, run.clone(), hash.clone());
-        async move {
-            lab.cli(who, &["approve", &run, "--operation-hash", &hash])
-                .await
-                .unwrap()
-        }
-    };
-    let own = approve("alice").await;
+    let own = approve(&lab, &run, &hash, "alice").await;
     assert_eq!(
         (own.code, error_code(&own).as_str(), token_of(&own)),
         (4, "SelfApproval", None),
         "{own:?}"
     );
-    let bobs = approve("bob").await;
+    let bobs = approve(&lab, &run, &hash, "bob").await;
     assert_eq!((bobs.code, token_of(&bobs)), (12, None), "{bobs:?}");
     assert_eq!(bobs.json()["required"], 2, "{bobs:?}");
     assert_eq!(
@@ -721,7 +699,7 @@ async fn the_requester_never_approves_and_a_plan_gets_one_token() {
         "{bobs:?}"
     );
     for who in ["bob", "alice", "bob"] {
-        let more = approve(who).await;
+        let more = approve(&lab, &run, &hash, who).await;
         assert_eq!(token_of(&more), None, "{who}: {more:?}");
         assert_ne!(more.code, 0, "{who}: {more:?}");
         if who == "alice" {
