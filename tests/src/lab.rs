@@ -173,6 +173,20 @@ pub struct Lab {
     pub serve_env: Vec<(&'static str, String)>,
 }
 
+/// Whether a `runs list` state names an open run (a ledger stage, possibly marked
+/// ` (shadow)`), rather than a closed run's outcome.
+pub fn is_open_state(state: &str) -> bool {
+    [
+        "created",
+        "escalated",
+        "continued",
+        "awaiting-approval",
+        "approved",
+        "executing",
+    ]
+    .contains(&state.trim_end_matches(" (shadow)"))
+}
+
 /// Every operator identity a lab issues a client certificate for.
 pub const OPERATORS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
 
