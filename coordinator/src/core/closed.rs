@@ -34,6 +34,38 @@ pub struct InFlight {
     pub destructive: bool,
 }
 
+/// What a journal line says about a step's key, for [`in_flight`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepFact {
+    /// The step was sent (`step_dispatched`).
+    Dispatched(InFlight),
+    /// Its outcome is known (`step_reported` or `idempotency_answered` with `settled = true`:
+    /// a result, or "never ran").
+    Settled { key: String },
+    /// It answered without settling (an outcome lost, a key still running or uncertain).
+    Unsettled { key: String },
+}
+
+/// The steps of a run whose outcome its journal leaves unknown: sent and never settled since,
+/// in the order they were first sent. A lost outcome or an unanswered query settles nothing
+/// (fail closed: such a step is asked about at restart, never assumed not to have run); a
+/// "never ran" answer settles it until it is sent again.
+pub fn in_flight(facts: impl IntoIterator<Item = StepFact>) -> Vec<InFlight> {
+    let mut open: Vec<InFlight> = Vec::new();
+    for f in facts {
+        match f {
+            StepFact::Dispatched(s) => {
+                if !open.iter().any(|o| o.key == s.key) {
+                    open.push(s);
+                }
+            }
+            StepFact::Settled { key } => open.retain(|o| o.key != key),
+            StepFact::Unsettled { .. } => {}
+        }
+    }
+    open
+}
+
 /// What the journal of an open run says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenRun {
@@ -418,6 +450,33 @@ mod tests {
             events.last().unwrap().rule,
             Some(rules::E014_UNSIGNED_LINES_QUARANTINED)
         );
+    }
+
+    #[test]
+    fn a_lost_outcome_or_an_open_query_keeps_a_step_in_flight() {
+        let sent = |key: &str| {
+            StepFact::Dispatched(InFlight {
+                host: "h".into(),
+                step: "rm".into(),
+                key: key.into(),
+                destructive: true,
+            })
+        };
+        let settled = |key: &str| StepFact::Settled { key: key.into() };
+        let unsettled = |key: &str| StepFact::Unsettled { key: key.into() };
+        let keys = |facts: Vec<StepFact>| -> Vec<String> {
+            in_flight(facts).into_iter().map(|f| f.key).collect()
+        };
+        // Sent, answered: settled. Sent, lost: in flight. Lost then queried "running": still.
+        assert!(keys(vec![sent("a"), settled("a")]).is_empty());
+        assert_eq!(keys(vec![sent("a"), unsettled("a")]), ["a"]);
+        assert_eq!(keys(vec![sent("a"), unsettled("a"), unsettled("a")]), ["a"]);
+        // Lost, "never ran", sent again under the same key: in flight again.
+        assert_eq!(
+            keys(vec![sent("a"), unsettled("a"), settled("a"), sent("a")]),
+            ["a"]
+        );
+        assert!(keys(vec![sent("a"), unsettled("a"), settled("a")]).is_empty());
     }
 
     #[test]

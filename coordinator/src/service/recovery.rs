@@ -13,7 +13,7 @@ use tollgate_protocol::Mode;
 use tollgate_protocol::outcome::{Outcome, OutcomeKind, ReasonCode, RunReport};
 use uuid::Uuid;
 
-use crate::core::closed::{InFlight, OpenRun, close_after_restart};
+use crate::core::closed::{InFlight, OpenRun, StepFact, close_after_restart, in_flight};
 use crate::core::ledger::{Known, OnRestart, RunRecord, Stage, on_restart};
 use crate::journal::chain::{Line, parse_line};
 use crate::journal::summary;
@@ -209,28 +209,7 @@ fn open_run(run_id: Uuid, record: &RunRecord, lines: &[Line], all_hosts: &[Strin
         None | Some("(all)") => all_hosts.to_vec(),
         Some(t) => t.split(',').map(str::to_string).collect(),
     };
-    let reported: BTreeSet<&str> = lines
-        .iter()
-        .filter(|l| l.kind == "step_reported")
-        .filter_map(|l| l.inputs.get("idempotency_key").map(String::as_str))
-        .collect();
-    let mut seen = BTreeSet::new();
-    let in_flight = lines
-        .iter()
-        .filter(|l| l.kind == "step_dispatched")
-        .filter_map(|l| {
-            let key = l.inputs.get("idempotency_key")?;
-            if reported.contains(key.as_str()) || !seen.insert(key.clone()) {
-                return None;
-            }
-            Some(InFlight {
-                host: l.host.clone()?,
-                step: l.step.clone().unwrap_or_default(),
-                key: key.clone(),
-                destructive: l.inputs.get("destructive").is_some_and(|d| d == "true"),
-            })
-        })
-        .collect();
+    let in_flight = in_flight(lines.iter().filter_map(step_fact));
     OpenRun {
         run_id,
         action: record.action,
@@ -238,6 +217,24 @@ fn open_run(run_id: Uuid, record: &RunRecord, lines: &[Line], all_hosts: &[Strin
         targets,
         in_flight,
         quarantined: None,
+    }
+}
+
+/// What a journal line says about a step's key (the edge where a line becomes core data). A
+/// report or answer without `settled = true` settles nothing.
+fn step_fact(l: &Line) -> Option<StepFact> {
+    let key = l.inputs.get("idempotency_key")?.clone();
+    let settled = l.inputs.get("settled").is_some_and(|s| s == "true");
+    match l.kind.as_str() {
+        "step_dispatched" => Some(StepFact::Dispatched(InFlight {
+            host: l.host.clone()?,
+            step: l.step.clone().unwrap_or_default(),
+            key,
+            destructive: l.inputs.get("destructive").is_some_and(|d| d == "true"),
+        })),
+        "step_reported" | "idempotency_answered" if settled => Some(StepFact::Settled { key }),
+        "step_reported" | "idempotency_answered" => Some(StepFact::Unsettled { key }),
+        _ => None,
     }
 }
 

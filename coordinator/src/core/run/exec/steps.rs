@@ -369,7 +369,8 @@ impl Execution {
                 .phase(&self.phase_name())
                 .step(step_id)
                 .input("idempotency_key", key)
-                .input("result", describe(&result)),
+                .input("result", describe(&result))
+                .input("settled", !matches!(result, StepResult::OutcomeLost)),
         );
         self.on_result(
             ctx,
@@ -540,7 +541,14 @@ impl Execution {
                 .phase(&phase_name)
                 .step(step_id)
                 .input("idempotency_key", key)
-                .input("answer", describe_answer(&answer)),
+                .input("answer", describe_answer(&answer))
+                .input(
+                    "settled",
+                    matches!(
+                        answer,
+                        IdempotencyAnswer::Finished(_) | IdempotencyAnswer::NotFound
+                    ),
+                ),
         );
         let key = key.to_owned();
         match answer {
