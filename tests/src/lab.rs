@@ -187,6 +187,12 @@ pub fn is_open_state(state: &str) -> bool {
     .contains(&state.trim_end_matches(" (shadow)"))
 }
 
+/// Whether a `runs list` state names a run still at work: open, and not waiting for a person
+/// (an escalation to continue, a plan to approve, a token to present).
+pub fn is_working_state(state: &str) -> bool {
+    ["created", "continued", "executing"].contains(&state.trim_end_matches(" (shadow)"))
+}
+
 /// Every operator identity a lab issues a client certificate for.
 pub const OPERATORS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
 

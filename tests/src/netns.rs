@@ -1489,9 +1489,9 @@ pub async fn check_settled<F: Fleet>(
         .with_context(|| format!("runs list did not answer a list: {list:?}"))?;
     for r in &runs {
         let id = r["run_id"].as_str().unwrap_or_default();
-        if crate::lab::is_open_state(r["state"].as_str().unwrap_or_default()) {
+        if crate::lab::is_working_state(r["state"].as_str().unwrap_or_default()) {
             tally.problems.push(format!(
-                "run {id} is still open ({}) after the scenario settled",
+                "run {id} is still at work ({}) after the scenario settled",
                 r["state"]
             ));
         }
