@@ -522,6 +522,28 @@ async fn coordinator_kill_lab(seed: u64, runs: usize) -> anyhow::Result<Tally> {
             }
         }
         lab.start_serve().await?;
+        if point == KillPoint::WhileSubmitting
+            && let Some(e) = exec.take()
+        {
+            // A submit that reached no coordinator before the kill may reach the restarted
+            // one: then it is a new open run holding every host (a host belongs to one open
+            // run), so the operator cancels it before the next repetition. If the killed
+            // coordinator answered it, the restart has closed it already.
+            let out = e.await??;
+            if out.outcome() == "ConfirmationRequired" {
+                let c = lab.cli("alice", &["cancel", &run]).await?;
+                if c.reason() == "Cancelled" {
+                    t.note("the submit reached the restarted coordinator; cancelled");
+                } else if c.json()["code"] == "InvalidRequest" {
+                    t.note("the submit was answered before the kill; the restart closed it");
+                } else {
+                    t.problems.push(format!("{run}: cancel answered {c:?}"));
+                }
+            } else if out.code != 3 && !is_typed(&out) {
+                t.problems
+                    .push(format!("{run} ({point:?}): the submit answered {out:?}"));
+            }
+        }
         if let Some(e) = exec {
             followers.push((run.clone(), point, e));
         }
