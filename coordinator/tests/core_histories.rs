@@ -603,48 +603,15 @@ fn inventory_text(hosts: &[(usize, usize)]) -> String {
     s
 }
 
-/// What a journal line means to the ledger: `journal::ledger_fact`, read off the event.
+/// What a journal line means to the ledger, read off the event as `journal::ledger_fact`
+/// reads a line: through the same `ledger::fact_of`.
 fn journal_fact(ev: &TimelineEvent) -> JournalFact {
-    let input = |k: &str| ev.inputs.get(k).map(String::as_str);
-    let mut birth = None;
-    let event = match ev.kind {
-        EventKind::RunStarted => {
-            let action = match input("action") {
-                Some("deploy") => Action::Deploy,
-                _ => Action::Teardown,
-            };
-            birth = Some((
-                action,
-                input("shadow") == Some("true"),
-                input("requestor").unwrap_or_default().to_owned(),
-            ));
-            Some(LedgerEvent::Started)
-        }
-        EventKind::ConfirmationRequested => Some(LedgerEvent::ConfirmationRequested),
-        EventKind::TokenIssued => Some(LedgerEvent::TokenIssued {
-            expires_ms: input("expires_at_ms")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(u64::MAX),
-        }),
-        EventKind::TokenJudged if ev.verdict == Some(Verdict::Allow) => {
-            Some(LedgerEvent::TokenAccepted)
-        }
-        EventKind::RunFinished => {
-            let outcome = input("outcome")
-                .and_then(|o| {
-                    serde_json::from_value::<OutcomeKind>(serde_json::Value::String(o.to_owned()))
-                        .ok()
-                })
-                .unwrap_or(OutcomeKind::PolicyBlocked);
-            Some(LedgerEvent::Finished { outcome })
-        }
-        _ => None,
-    };
-    JournalFact {
-        event,
-        birth,
-        at_ms: ev.at_ms,
-    }
+    ledger::fact_of(
+        Some(ev.kind),
+        ev.verdict == Some(Verdict::Allow),
+        &ev.inputs,
+        ev.at_ms,
+    )
 }
 
 fn record_of(journal: &[TimelineEvent]) -> Result<RunRecord, ledger::RecordError> {
@@ -672,26 +639,14 @@ fn open_run(
         None | Some("(all)") => all_hosts.to_vec(),
         Some(t) => t.split(',').map(str::to_owned).collect(),
     };
-    // As `recovery::step_fact` reads lines: a report or answer settles a key only when it
-    // says `settled = true`.
+    // As `recovery::step_fact` reads lines: through the same `closed::step_fact`.
     let in_flight = closed::in_flight(journal.iter().filter_map(|e| {
-        let key = e.inputs.get("idempotency_key")?.clone();
-        let settled = e.inputs.get("settled").is_some_and(|s| s == "true");
-        match e.kind {
-            EventKind::StepDispatched => Some(closed::StepFact::Dispatched(closed::InFlight {
-                host: e.host.clone()?,
-                step: e.step.clone().unwrap_or_default(),
-                key,
-                destructive: e.inputs.get("destructive").is_some_and(|d| d == "true"),
-            })),
-            EventKind::StepReported | EventKind::IdempotencyAnswered if settled => {
-                Some(closed::StepFact::Settled { key })
-            }
-            EventKind::StepReported | EventKind::IdempotencyAnswered => {
-                Some(closed::StepFact::Unsettled { key })
-            }
-            _ => None,
-        }
+        closed::step_fact(
+            Some(e.kind),
+            e.host.as_deref(),
+            e.step.as_deref(),
+            &e.inputs,
+        )
     }));
     OpenRun {
         run_id,

@@ -46,6 +46,34 @@ pub enum StepFact {
     Unsettled { key: String },
 }
 
+/// What one timeline entry says about a step's key, if anything: the one reading shared by
+/// start-up recovery and the model tests. A report or answer without `settled = true`
+/// settles nothing (fail closed).
+pub fn step_fact(
+    kind: Option<EventKind>,
+    host: Option<&str>,
+    step: Option<&str>,
+    inputs: &BTreeMap<String, String>,
+) -> Option<StepFact> {
+    let key = inputs.get("idempotency_key")?.clone();
+    let settled = inputs.get("settled").is_some_and(|s| s == "true");
+    match kind? {
+        EventKind::StepDispatched => Some(StepFact::Dispatched(InFlight {
+            host: host?.to_owned(),
+            step: step.unwrap_or_default().to_owned(),
+            key,
+            destructive: inputs.get("destructive").is_some_and(|d| d == "true"),
+        })),
+        EventKind::StepReported | EventKind::IdempotencyAnswered if settled => {
+            Some(StepFact::Settled { key })
+        }
+        EventKind::StepReported | EventKind::IdempotencyAnswered => {
+            Some(StepFact::Unsettled { key })
+        }
+        _ => None,
+    }
+}
+
 /// The steps of a run whose outcome its journal leaves unknown: sent and never settled since,
 /// in the order they were first sent. A lost outcome or an unanswered query settles nothing
 /// (fail closed: such a step is asked about at restart, never assumed not to have run); a

@@ -21,8 +21,12 @@
 //! continue its own escalation, with the same action, in full mode, with the shadow flag it
 //! was born with ([`admit`]); an id whose record is unreadable or missing is never reused.
 
+use std::collections::BTreeMap;
+
 use tollgate_protocol::outcome::OutcomeKind;
 use tollgate_protocol::{Action, Mode};
+
+use super::timeline::EventKind;
 
 /// Where a run id is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -172,6 +176,55 @@ pub struct JournalFact {
     pub birth: Option<(Action, bool, String)>,
     /// The line's time.
     pub at_ms: u64,
+}
+
+/// What one timeline entry (its kind, whether it decided `allow`, its inputs, its time) means
+/// to the ledger: the one reading of a journal line, shared by start-up recovery and the
+/// model tests. A `run_finished` whose outcome cannot be read counts as a close (never as an
+/// escalation), so doubt never reopens a run.
+pub fn fact_of(
+    kind: Option<EventKind>,
+    allowed: bool,
+    inputs: &BTreeMap<String, String>,
+    at_ms: u64,
+) -> JournalFact {
+    let input = |k: &str| inputs.get(k).map(String::as_str);
+    let mut birth = None;
+    let event = match kind {
+        Some(EventKind::RunStarted) => {
+            let action = match input("action") {
+                Some("deploy") => Action::Deploy,
+                _ => Action::Teardown,
+            };
+            birth = Some((
+                action,
+                input("shadow") == Some("true"),
+                input("requestor").unwrap_or_default().to_owned(),
+            ));
+            Some(LedgerEvent::Started)
+        }
+        Some(EventKind::ConfirmationRequested) => Some(LedgerEvent::ConfirmationRequested),
+        Some(EventKind::TokenIssued) => Some(LedgerEvent::TokenIssued {
+            expires_ms: input("expires_at_ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u64::MAX),
+        }),
+        Some(EventKind::TokenJudged) if allowed => Some(LedgerEvent::TokenAccepted),
+        Some(EventKind::RunFinished) => Some(LedgerEvent::Finished {
+            outcome: input("outcome")
+                .and_then(|o| {
+                    serde_json::from_value::<OutcomeKind>(serde_json::Value::String(o.to_owned()))
+                        .ok()
+                })
+                .unwrap_or(OutcomeKind::PolicyBlocked),
+        }),
+        _ => None,
+    };
+    JournalFact {
+        event,
+        birth,
+        at_ms,
+    }
 }
 
 /// A journal the ledger cannot make a run of.

@@ -126,52 +126,13 @@ pub fn verify_run_bytes(
     )
 }
 
-/// What a journal line means to the run ledger ([`crate::core::ledger`]): the edge where the
-/// wire form of a line becomes the core's plain data. A `run_finished` whose outcome cannot be
-/// read counts as a close (never as an escalation), so doubt never reopens a run.
+/// What a journal line means to the run ledger ([`crate::core::ledger::fact_of`]): the edge
+/// where the wire form of a line becomes the core's plain data.
 pub fn ledger_fact(line: &Line) -> crate::core::ledger::JournalFact {
-    use crate::core::ledger::{JournalFact, LedgerEvent};
-    use crate::core::timeline::EventKind;
-    use tollgate_protocol::Action;
-    use tollgate_protocol::outcome::OutcomeKind;
-    let input = |k: &str| line.inputs.get(k).map(String::as_str);
-    let mut birth = None;
-    let event = match EventKind::parse(&line.kind) {
-        Some(EventKind::RunStarted) => {
-            let action = match input("action") {
-                Some("deploy") => Action::Deploy,
-                _ => Action::Teardown,
-            };
-            birth = Some((
-                action,
-                input("shadow") == Some("true"),
-                input("requestor").unwrap_or_default().to_owned(),
-            ));
-            Some(LedgerEvent::Started)
-        }
-        Some(EventKind::ConfirmationRequested) => Some(LedgerEvent::ConfirmationRequested),
-        Some(EventKind::TokenIssued) => Some(LedgerEvent::TokenIssued {
-            expires_ms: input("expires_at_ms")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(u64::MAX),
-        }),
-        Some(EventKind::TokenJudged) if line.decision.as_deref() == Some("allow") => {
-            Some(LedgerEvent::TokenAccepted)
-        }
-        Some(EventKind::RunFinished) => {
-            let outcome = input("outcome")
-                .and_then(|o| {
-                    serde_json::from_value::<OutcomeKind>(serde_json::Value::String(o.to_owned()))
-                        .ok()
-                })
-                .unwrap_or(OutcomeKind::PolicyBlocked);
-            Some(LedgerEvent::Finished { outcome })
-        }
-        _ => None,
-    };
-    JournalFact {
-        event,
-        birth,
-        at_ms: line.at_ms,
-    }
+    crate::core::ledger::fact_of(
+        crate::core::timeline::EventKind::parse(&line.kind),
+        line.decision.as_deref() == Some("allow"),
+        &line.inputs,
+        line.at_ms,
+    )
 }

@@ -13,7 +13,7 @@ use tollgate_protocol::Mode;
 use tollgate_protocol::outcome::{Outcome, OutcomeKind, ReasonCode, RunReport};
 use uuid::Uuid;
 
-use crate::core::closed::{InFlight, OpenRun, StepFact, close_after_restart, in_flight};
+use crate::core::closed::{OpenRun, StepFact, close_after_restart, in_flight};
 use crate::core::ledger::{Known, OnRestart, RunRecord, Stage, on_restart};
 use crate::journal::chain::{Line, parse_line};
 use crate::journal::summary;
@@ -220,22 +220,14 @@ fn open_run(run_id: Uuid, record: &RunRecord, lines: &[Line], all_hosts: &[Strin
     }
 }
 
-/// What a journal line says about a step's key (the edge where a line becomes core data). A
-/// report or answer without `settled = true` settles nothing.
+/// What a journal line says about a step's key ([`crate::core::closed::step_fact`]).
 fn step_fact(l: &Line) -> Option<StepFact> {
-    let key = l.inputs.get("idempotency_key")?.clone();
-    let settled = l.inputs.get("settled").is_some_and(|s| s == "true");
-    match l.kind.as_str() {
-        "step_dispatched" => Some(StepFact::Dispatched(InFlight {
-            host: l.host.clone()?,
-            step: l.step.clone().unwrap_or_default(),
-            key,
-            destructive: l.inputs.get("destructive").is_some_and(|d| d == "true"),
-        })),
-        "step_reported" | "idempotency_answered" if settled => Some(StepFact::Settled { key }),
-        "step_reported" | "idempotency_answered" => Some(StepFact::Unsettled { key }),
-        _ => None,
-    }
+    crate::core::closed::step_fact(
+        crate::core::timeline::EventKind::parse(&l.kind),
+        l.host.as_deref(),
+        l.step.as_deref(),
+        &l.inputs,
+    )
 }
 
 /// What start-up found, for the `Coordinator` to adopt before it takes any intent.
