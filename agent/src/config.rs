@@ -16,6 +16,7 @@
 //! cert = "pki/agent-web1.crt"
 //! key = "pki/agent-web1.key"
 //! crl = "pki/crl.pem"
+//! crl_check_secs = 2                            # re-read the CRL this often (also on SIGHUP)
 //! ```
 //!
 //! Relative paths are relative to the directory of the config file. Unknown keys are errors.
@@ -51,6 +52,7 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     crl: PathBuf,
+    crl_check_secs: Option<i64>,
 }
 
 /// Paths of the agent's certificate material.
@@ -60,6 +62,9 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub crl: PathBuf,
+    /// How often the CRL is re-read while the agent runs (a revoked coordinator is refused and
+    /// its open connections closed without a restart).
+    pub crl_check: Duration,
 }
 
 /// A validated agent configuration.
@@ -175,6 +180,10 @@ pub fn parse(text: &str, file: &Path) -> Result<AgentConfig, AgentError> {
         Duration::from_secs(
             positive("shutdown_grace_secs", raw.shutdown_grace_secs, 10, 3600)? as u64,
         );
+    let crl_check =
+        Duration::from_secs(
+            positive("tls.crl_check_secs", raw.tls.crl_check_secs, 2, 3600)? as u64,
+        );
     Ok(AgentConfig {
         source: file.to_path_buf(),
         listen,
@@ -191,6 +200,7 @@ pub fn parse(text: &str, file: &Path) -> Result<AgentConfig, AgentError> {
             cert: resolve(raw.tls.cert),
             key: resolve(raw.tls.key),
             crl: resolve(raw.tls.crl),
+            crl_check,
         },
     })
 }
@@ -223,6 +233,13 @@ crl = "/etc/tollgate/crl.pem"
         assert_eq!(c.tls.crl, Path::new("/etc/tollgate/crl.pem"));
         assert_eq!(c.allowed_shells, vec![Shell::Pwsh, Shell::Sh]);
         assert_eq!(c.max_concurrent, 4);
+        assert_eq!(c.tls.crl_check, Duration::from_secs(2));
+        let c = parse(
+            &format!("{GOOD}crl_check_secs = 30\n"),
+            Path::new("/etc/tollgate/agent.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.tls.crl_check, Duration::from_secs(30));
     }
 
     #[test]
@@ -254,6 +271,11 @@ crl = "/etc/tollgate/crl.pem"
                 "state_dir = \"state\"",
                 "state_dir = \"state\"\nmax_frame_bytes = 100",
                 "max_frame_bytes",
+            ),
+            (
+                "crl = \"/etc/tollgate/crl.pem\"",
+                "crl = \"/etc/tollgate/crl.pem\"\ncrl_check_secs = 0",
+                "tls.crl_check_secs",
             ),
         ];
         for (from, to, key) in cases {

@@ -31,6 +31,8 @@ const CLOSE_SHUTDOWN: u32 = 0x11;
 #[derive(Debug)]
 struct State {
     store: Arc<Store>,
+    /// The CRL in force; every accepted connection is watched by it.
+    trust: TrustStore,
     prober: Prober,
     shells: Shells,
     scripts_dir: PathBuf,
@@ -54,6 +56,7 @@ pub struct Listening {
     draining: watch::Sender<bool>,
     interrupt: watch::Sender<bool>,
     grace: Duration,
+    crl_check: Duration,
 }
 
 fn software() -> String {
@@ -100,6 +103,7 @@ pub fn bind(cfg: &AgentConfig) -> Result<Listening, AgentError> {
     let max_concurrent = cfg.max_concurrent as u32;
     let state = Arc::new(State {
         store,
+        trust,
         prober: Prober::new(
             identity.id.to_string(),
             cfg.state_dir.clone(),
@@ -126,6 +130,7 @@ pub fn bind(cfg: &AgentConfig) -> Result<Listening, AgentError> {
         draining,
         interrupt,
         grace: cfg.shutdown_grace,
+        crl_check: cfg.tls.crl_check,
     })
 }
 
@@ -143,6 +148,11 @@ impl Listening {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
+        // A revoked coordinator is refused and cut off while the agent runs (see certs::trust).
+        let crl = tokio::spawn(tollgate_certs::trust::watch(
+            self.state.trust.clone(),
+            self.crl_check,
+        ));
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => match incoming {
@@ -167,6 +177,7 @@ impl Listening {
             )
             .await;
         }
+        crl.abort();
         self.endpoint
             .close(CLOSE_SHUTDOWN.into(), b"agent shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -200,6 +211,9 @@ async fn connection(state: Arc<State>, incoming: quinn::Incoming) {
             return;
         }
     };
+    // Closed at once if the coordinator's certificate is revoked while it is open. Executions
+    // already running own their tickets: they finish and are recorded; nothing new starts.
+    state.trust.watch_client(&conn);
     let peer = quic::peer_id(&conn)
         .map(|p| p.to_string())
         .unwrap_or_default();

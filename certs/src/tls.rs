@@ -12,21 +12,16 @@ use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{
-    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
-};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::CertError;
 use crate::identity::{Role, SpiffeId};
+pub use crate::trust::TrustStore;
 
 /// The crypto provider every Tollgate config uses.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -65,38 +60,6 @@ impl TlsIdentity {
 
     fn parts(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         (self.chain.clone(), self.key.clone_key())
-    }
-}
-
-/// The fleet CA and its CRL.
-#[derive(Debug, Clone)]
-pub struct TrustStore {
-    roots: Arc<RootCertStore>,
-    crls: Vec<CertificateRevocationListDer<'static>>,
-}
-
-impl TrustStore {
-    pub fn load(ca_path: &Path, crl_path: &Path) -> Result<Self, CertError> {
-        let mut roots = RootCertStore::empty();
-        for cert in load_certs(ca_path)? {
-            roots
-                .add(cert)
-                .map_err(|e| CertError::bad(ca_path, format!("unusable CA certificate: {e}")))?;
-        }
-        let crl_bytes = crate::files::read(crl_path)?;
-        let crls = CertificateRevocationListDer::pem_slice_iter(&crl_bytes)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| CertError::bad(crl_path, format!("not a PEM CRL file: {e}")))?;
-        if crls.is_empty() {
-            return Err(CertError::bad(
-                crl_path,
-                "no CRL in file (run `tollgate certs crl`)",
-            ));
-        }
-        Ok(TrustStore {
-            roots: Arc::new(roots),
-            crls,
-        })
     }
 }
 
@@ -189,7 +152,7 @@ impl PeerRejection {
 }
 
 /// Maps a webpki verification failure to its cause.
-fn classify(err: &rustls::Error) -> PeerRejection {
+pub(crate) fn classify(err: &rustls::Error) -> PeerRejection {
     match err {
         rustls::Error::NoCertificatesPresented => PeerRejection::NoCertificate,
         rustls::Error::InvalidCertificate(ce) => match ce {
@@ -285,7 +248,10 @@ fn verify_identity(
 
 #[derive(Debug)]
 struct SpiffeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    /// Asked for the verifier of the CRL in force at every handshake.
+    trust: TrustStore,
+    /// The CA's subjects (the CA is fixed for the life of the store).
+    hints: Vec<DistinguishedName>,
     expect: Expectation,
     log: RejectionLog,
 }
@@ -300,7 +266,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &self.hints
     }
 
     fn verify_client_cert(
@@ -310,7 +276,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let webpki = self
-            .inner
+            .trust
+            .client_verifier()
             .verify_client_cert(end_entity, intermediates, now)
             .map(|_| ());
         verify_identity(webpki, end_entity, &self.expect, &self.log, "server")?;
@@ -323,7 +290,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.trust
+            .client_verifier()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -332,17 +301,20 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.trust
+            .client_verifier()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.trust.client_verifier().supported_verify_schemes()
     }
 }
 
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+    /// Asked for the verifier of the CRL in force at every handshake.
+    trust: TrustStore,
     expect: Expectation,
     log: RejectionLog,
 }
@@ -357,7 +329,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let webpki = self
-            .inner
+            .trust
+            .server_verifier()
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             .map(|_| ());
         verify_identity(webpki, end_entity, &self.expect, &self.log, "client")?;
@@ -370,7 +343,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.trust
+            .server_verifier()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -379,11 +354,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.trust
+            .server_verifier()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.trust.server_verifier().supported_verify_schemes()
     }
 }
 
@@ -400,13 +377,13 @@ pub fn server_config(
     log: RejectionLog,
 ) -> Result<rustls::ServerConfig, CertError> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
-        .with_crls(trust.crls.clone())
-        .only_check_end_entity_revocation()
-        .enforce_revocation_expiration()
-        .build()
-        .map_err(tls_err)?;
-    let verifier = Arc::new(SpiffeClientVerifier { inner, expect, log });
+    let hints = trust.client_verifier().root_hint_subjects().to_vec();
+    let verifier = Arc::new(SpiffeClientVerifier {
+        trust: trust.clone(),
+        hints,
+        expect,
+        log,
+    });
     let (chain, key) = identity.parts();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -416,6 +393,9 @@ pub fn server_config(
         .map_err(tls_err)?;
     cfg.alpn_protocols = vec![alpn.to_vec()];
     cfg.max_early_data_size = 0; // never accept 0-RTT: it can be replayed
+    // No resumption: a resumed session would skip the client certificate, and so the CRL.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
@@ -428,14 +408,8 @@ pub fn client_config(
     log: RejectionLog,
 ) -> Result<rustls::ClientConfig, CertError> {
     let provider = provider();
-    let inner = WebPkiServerVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
-        .with_crls(trust.crls.clone())
-        .only_check_end_entity_revocation()
-        .enforce_revocation_expiration()
-        .build()
-        .map_err(tls_err)?;
     let verifier = Arc::new(SpiffeServerVerifier {
-        inner,
+        trust: trust.clone(),
         expect: Expectation::Exactly(expect),
         log,
     });

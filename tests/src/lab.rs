@@ -131,6 +131,21 @@ impl ServeProcess {
         self.child.kill().await?;
         Ok(())
     }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends SIGHUP (re-read the CRL).
+    #[cfg(unix)]
+    pub fn hangup(&self) -> anyhow::Result<()> {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let pid = self.pid().context("serve has exited")?;
+        kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGHUP)?;
+        Ok(())
+    }
 }
 
 /// What one CLI invocation did.

@@ -119,6 +119,10 @@ pub struct TlsPaths {
     pub key: PathBuf,
     /// Certificate revocation list (PEM), if revocation is in use.
     pub crl: Option<PathBuf>,
+    /// `tls.crl_check` (default 2s): how often the CRL is re-read while the coordinator runs
+    /// (also at once on SIGHUP). A revoked operator or agent is refused and its open
+    /// connections closed without a restart.
+    pub crl_check_ms: u64,
 }
 
 /// `[probe]`.
@@ -250,6 +254,7 @@ struct RawTls {
     cert: Option<String>,
     key: Option<String>,
     crl: Option<String>,
+    crl_check: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -447,6 +452,10 @@ pub fn parse_coordinator(text: &str, file: &str) -> Result<CoordinatorConfig, Co
             crl: match raw.tls.crl {
                 Some(p) => Some(non_empty_path(file, "tls.crl", Some(p), "")?),
                 None => None,
+            },
+            crl_check_ms: match &raw.tls.crl_check {
+                None => 2_000,
+                Some(v) => duration_in(v, 100, 3_600_000).map_err(|r| err("tls.crl_check", r))?,
             },
         },
         state_dir,

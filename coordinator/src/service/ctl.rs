@@ -31,6 +31,8 @@ pub struct CtlContext {
     pub authorization: Authorization,
     pub runs_dir: PathBuf,
     pub public_key: Vec<u8>,
+    /// The CRL in force: every accepted operator connection is watched by it.
+    pub trust: tollgate_certs::TrustStore,
 }
 
 const LIMITS: FrameLimits = FrameLimits::DEFAULT;
@@ -49,7 +51,11 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<CtlContext>) {
         actix::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => connection(conn, ctx).await,
+                Ok(conn) => {
+                    // Closed at once if the operator's certificate is revoked while it is open.
+                    ctx.trust.watch_client(&conn);
+                    connection(conn, ctx).await
+                }
                 Err(e) => tracing::info!(%remote, error = %e, "control connection refused"),
             }
         });

@@ -329,8 +329,16 @@ pub async fn start(loaded: Loaded, clock: Clock) -> Result<Running, ServiceError
         authorization: loaded.config.authorization.clone(),
         runs_dir: runs_dir.clone(),
         public_key: public_key.clone(),
+        trust: loaded.trust.clone(),
     });
     actix::spawn(ctl::serve(endpoint.clone(), ctx));
+    // Revocation without a restart: the CRL is re-read periodically and on SIGHUP; new
+    // handshakes of revoked peers are refused and their open connections (operators on the
+    // control port, links to agents) closed.
+    actix::spawn(tollgate_certs::trust::watch(
+        loaded.trust.clone(),
+        std::time::Duration::from_millis(loaded.config.tls.crl_check_ms),
+    ));
     Ok(Running {
         ctl_addr,
         coordinator,

@@ -223,6 +223,8 @@ impl AgentConnector {
             let conn = hold_for(slot, lease, connecting)
                 .await
                 .map_err(|e| unreachable(chain(&e)))?;
+            // Closed at once if the agent's certificate is revoked while the link is open.
+            self.trust.watch_server(&conn, expected);
             let link = AgentLink {
                 conn,
                 limits: self.limits,
@@ -233,11 +235,15 @@ impl AgentConnector {
                 software: software(),
             });
             // Any failure here is before a real request: still "unreachable", never "lost".
+            // In TLS 1.3 the server judges our certificate after our side of the handshake is
+            // done, so a refusal can arrive as the close of this first stream: name its reason.
             match link
                 .round_trip(&hello)
                 .await
-                .map_err(|e| unreachable(e.to_string()))?
-            {
+                .map_err(|e| match link.conn.close_reason() {
+                    Some(why) => unreachable(format!("{e}: {}", chain(&why))),
+                    None => unreachable(e.to_string()),
+                })? {
                 AgentResponse::HelloAck(_) => Ok(link),
                 AgentResponse::Error(e) => Err(LinkError::Refused {
                     code: e.code,
@@ -296,6 +302,11 @@ impl AgentLink {
 
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
+    }
+
+    /// Resolves when the connection closes, with why (for diagnostics and tests).
+    pub async fn closed(&self) -> quinn::ConnectionError {
+        self.conn.closed().await
     }
 
     async fn open(
