@@ -1,14 +1,16 @@
 //! The Tollgate coordinator.
 //!
-//! * [`config`]: `inventory.toml`, `operations.toml`, `coordinator.toml`, validated on load.
-//! * [`core`]: the pure safety core (lifecycle, policy, plan, token, barrier). No I/O, no
-//!   clock reads, no actors: every safety rule lives here so every path goes through it.
+//! * [`config`]: `inventory.toml`, `operations.toml`, `coordinator.toml`, read here and parsed
+//!   and validated by the core.
+//! * [`core`]: the pure safety core, the `tollgate-core` crate (`coordinator/core/`):
+//!   lifecycle, policy, plan, token, barrier, run machine, run ledger, config parsing. It
+//!   depends on no async runtime, network or file API, so the compiler keeps it pure.
 //! * [`pki`]: the `tollgate certs` commands over `tollgate-certs`.
 //! * [`transport`]: how hosts are reached (the agent link over QUIC + mTLS).
 
 pub mod client;
 pub mod config;
-pub mod core;
+pub use tollgate_core as core;
 pub mod diff;
 pub mod explain;
 pub mod journal;

@@ -13,7 +13,7 @@ use tollgate_protocol::{Action, Shell};
 
 /// The ```toml blocks of the config module docs, in order (inventory, operations, coordinator).
 fn doc_examples() -> Vec<String> {
-    let src = include_str!("../src/config/mod.rs");
+    let src = include_str!("../core/src/config/mod.rs");
     let mut blocks = Vec::new();
     let mut current: Option<Vec<&str>> = None;
     for line in src.lines() {

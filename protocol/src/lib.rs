@@ -19,6 +19,7 @@ pub mod agent;
 pub mod ctl;
 pub mod error;
 pub mod frame;
+#[cfg(feature = "io")]
 pub mod io;
 pub mod outcome;
 pub mod version;

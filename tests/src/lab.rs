@@ -362,6 +362,16 @@ impl Lab {
             .unwrap_or(0)
     }
 
+    /// The begun/completed markers of every agent host, to compare before and after an act.
+    pub fn markers(&self) -> crate::netns::Markers {
+        crate::netns::Markers::read(
+            self.agents
+                .keys()
+                .map(|h| (h.clone(), self.home(h)))
+                .collect::<BTreeMap<String, PathBuf>>(),
+        )
+    }
+
     /// Total runs of `step` across the agent hosts.
     pub fn ran_anywhere(&self, step: &str) -> usize {
         self.agents.keys().map(|h| self.ran(h, step)).sum()

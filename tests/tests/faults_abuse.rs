@@ -12,13 +12,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use tollgate_certs::pki::RevokeTarget;
 use tollgate_certs::{Role, SpiffeId};
 use tollgate_tests::fleet::FLEET;
 use tollgate_tests::lab::{CliOut, DEFAULT_HOSTS, Lab};
-use tollgate_tests::netns::{self, Markers, Rng, Tally, check_run, check_settled, is_typed};
+use tollgate_tests::netns::{self, Rng, Tally, check_run, check_settled, is_typed};
 
 async fn lab_with(extra: &str, env: Vec<(&'static str, String)>) -> Lab {
     Lab::start_with(DEFAULT_HOSTS, &netns::operations(), extra, env)
@@ -28,15 +27,6 @@ async fn lab_with(extra: &str, env: Vec<(&'static str, String)>) -> Lab {
 
 async fn lab() -> Lab {
     lab_with("", Vec::new()).await
-}
-
-fn markers(lab: &Lab) -> Markers {
-    Markers::read(
-        lab.agents
-            .keys()
-            .map(|h| (h.clone(), lab.home(h)))
-            .collect::<BTreeMap<String, PathBuf>>(),
-    )
 }
 
 fn hosts(lab: &Lab) -> Vec<String> {
@@ -62,7 +52,7 @@ fn began_total(b: &BTreeMap<(String, String), usize>) -> usize {
 /// Presents `token` for `run` and checks that it was refused for one of `reasons` and that
 /// nothing at all began on any host.
 async fn refused(lab: &Lab, t: &mut Tally, run: &str, token: &str, reasons: &[&str]) -> CliOut {
-    let before = markers(lab);
+    let before = lab.markers();
     let out = lab
         .cli("alice", &["execute", run, "--token", token])
         .await
@@ -80,7 +70,7 @@ async fn refused(lab: &Lab, t: &mut Tally, run: &str, token: &str, reasons: &[&s
             "{run}: expected PolicyBlocked {reasons:?}, got {out:?}"
         ));
     }
-    let began = markers(lab).began_since(&before);
+    let began = lab.markers().began_since(&before);
     if began_total(&began) != 0 {
         t.problems
             .push(format!("{run}: a refused token started steps: {began:?}"));
@@ -91,7 +81,7 @@ async fn refused(lab: &Lab, t: &mut Tally, run: &str, token: &str, reasons: &[&s
 
 /// Presents the genuine token: completes, with `remove` beginning exactly once on each host.
 async fn completes(lab: &Lab, t: &mut Tally, run: &str, token: &str, on: &str) {
-    let before = markers(lab);
+    let before = lab.markers();
     let out = lab
         .cli("alice", &["execute", run, "--token", token])
         .await
@@ -106,7 +96,7 @@ async fn completes(lab: &Lab, t: &mut Tally, run: &str, token: &str, on: &str) {
             "{run}: the genuine token did not complete: {out:?}"
         ));
     }
-    let began = markers(lab).began_since(&before);
+    let began = lab.markers().began_since(&before);
     for h in on.split(',') {
         let n = began.get(&(h.to_string(), "remove".to_string())).copied();
         if n != Some(1) {
@@ -308,7 +298,7 @@ async fn approval_without_the_approver_role() {
             .as_str()
             .unwrap()
             .to_string();
-        let before = markers(&lab);
+        let before = lab.markers();
         for who in ["erin", "carol", "dave"] {
             let a = lab
                 .cli(who, &["approve", &run, "--operation-hash", &hash])
@@ -320,7 +310,7 @@ async fn approval_without_the_approver_role() {
                     .push(format!("{who} (no approver role) approved: {a:?}"));
             }
         }
-        let began = markers(&lab).began_since(&before);
+        let began = lab.markers().began_since(&before);
         if began_total(&began) != 0 {
             t.problems
                 .push(format!("{run}: refused approvals started steps: {began:?}"));
@@ -347,7 +337,7 @@ async fn approval_without_the_approver_role() {
             t.problems
                 .push(format!("a viewer executed with a valid token: {v:?}"));
         }
-        let before = markers(&lab);
+        let before = lab.markers();
         let out = lab
             .cli("erin", &["execute", &run, "--token", &token])
             .await
@@ -359,7 +349,7 @@ async fn approval_without_the_approver_role() {
             t.problems
                 .push(format!("{run}: approved execution by erin: {out:?}"));
         }
-        let began = markers(&lab).began_since(&before);
+        let began = lab.markers().began_since(&before);
         check_run(&mut t, &lab.runs_dir(), &run, &began, &[]);
     }
     check_settled(&lab, &mut t).await.unwrap();
@@ -407,7 +397,7 @@ async fn revoked_certificates() {
         a.code, 12,
         "db1 is protected: a second approver is needed: {a:?}"
     );
-    let before = markers(&lab);
+    let before = lab.markers();
     let b = lab
         .cli("bob", &["approve", &run, "--operation-hash", &hash])
         .await
@@ -417,7 +407,7 @@ async fn revoked_certificates() {
         t.problems
             .push(format!("a revoked approver was heard: {b:?}"));
     }
-    let began = markers(&lab).began_since(&before);
+    let began = lab.markers().began_since(&before);
     if began_total(&began) != 0 {
         t.problems.push(format!("steps began: {began:?}"));
     }
@@ -428,7 +418,7 @@ async fn revoked_certificates() {
     lab.pki.pki.revoke(&RevokeTarget::Identity(id)).unwrap();
     lab.serve.as_mut().unwrap().kill().await.unwrap();
     lab.start_serve().await.unwrap();
-    let before = markers(&lab);
+    let before = lab.markers();
     let run = uuid::Uuid::new_v4().to_string();
     let out = lab
         .cli(
@@ -451,7 +441,7 @@ async fn revoked_certificates() {
         t.problems
             .push(format!("teardown of a revoked agent: {out:?}"));
     }
-    let began = markers(&lab).began_since(&before);
+    let began = lab.markers().began_since(&before);
     if began_total(&began) != 0 {
         t.problems
             .push(format!("steps began on a revoked agent: {began:?}"));

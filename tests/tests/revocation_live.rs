@@ -10,8 +10,7 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tollgate_certs::pki::RevokeTarget;
@@ -19,19 +18,10 @@ use tollgate_certs::trust::CLOSE_UNTRUSTED;
 use tollgate_certs::{Role, SpiffeId};
 use tollgate_tests::fleet::FLEET;
 use tollgate_tests::lab::{DEFAULT_HOSTS, Lab};
-use tollgate_tests::netns::{self, Markers, is_typed};
+use tollgate_tests::netns::{self, is_typed};
 use tollgate_tests::proc::eventually;
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-fn markers(lab: &Lab) -> Markers {
-    Markers::read(
-        lab.agents
-            .keys()
-            .map(|h| (h.clone(), lab.home(h)))
-            .collect::<BTreeMap<String, PathBuf>>(),
-    )
-}
 
 fn log_lines(log: &Path, needle: &str) -> Vec<String> {
     std::fs::read_to_string(log)
@@ -100,11 +90,11 @@ async fn revocation_takes_effect_without_a_restart() {
         ))
         .unwrap();
     hangup_and_wait(&lab, &log).await;
-    let before = markers(&lab);
+    let before = lab.markers();
     let out = lab.cli("erin", &["deploy"]).await.unwrap();
     assert_eq!(out.code, 3, "a revoked operator was heard: {out:?}");
     assert!(
-        markers(&lab).began_since(&before).values().all(|n| *n == 0),
+        lab.markers().began_since(&before).values().all(|n| *n == 0),
         "steps began for a revoked operator"
     );
     let out = lab
@@ -125,7 +115,7 @@ async fn revocation_takes_effect_without_a_restart() {
         cut.iter().any(|l| l.contains(&web2.to_string())),
         "the open link to web2 was not closed: {cut:?}"
     );
-    let before = markers(&lab);
+    let before = lab.markers();
     let out = lab
         .cli("alice", &["deploy", "--hosts", "web2"])
         .await
@@ -134,7 +124,7 @@ async fn revocation_takes_effect_without_a_restart() {
         is_typed(&out) && out.code != 0,
         "a deploy to a revoked agent: {out:?}"
     );
-    let began = markers(&lab).began_since(&before);
+    let began = lab.markers().began_since(&before);
     assert!(
         began.values().all(|n| *n == 0),
         "steps began on a revoked agent: {began:?}"

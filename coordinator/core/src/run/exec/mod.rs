@@ -9,14 +9,14 @@ use tollgate_protocol::outcome::ReasonCode;
 
 use super::io::{Effect, Input, ProbePurpose, ProbeRequest};
 use super::{Ctx, HostEnd, Out, RunEnd, RunError, join};
-use crate::core::barrier::HostPhaseResult;
-use crate::core::facts::ProbeOutcome;
-use crate::core::lifecycle::{HostState, LifecycleEvent};
-use crate::core::outcome::TypedOutcome;
-use crate::core::plan::Plan;
-use crate::core::rules::{self, RuleId};
-use crate::core::timeline::{EventKind, Verdict};
-use crate::core::token::VerifiedToken;
+use crate::barrier::HostPhaseResult;
+use crate::facts::ProbeOutcome;
+use crate::lifecycle::{HostState, LifecycleEvent};
+use crate::outcome::TypedOutcome;
+use crate::plan::Plan;
+use crate::rules::{self, RuleId};
+use crate::timeline::{EventKind, Verdict};
+use crate::token::VerifiedToken;
 
 /// Re-queries of a key whose step is still running before the host is given up as Unknown.
 const MAX_QUERIES: u32 = 5;

@@ -1,6 +1,6 @@
 //! Every rule the core can name in a decision, with one sentence each (for `tollgate explain`).
 //!
-//! `R…` rules are policy (evaluated in order by [`crate::core::policy::evaluate`]), `B…` rules
+//! `R…` rules are policy (evaluated in order by [`crate::policy::evaluate`]), `B…` rules
 //! are barrier checks, `E…` rules are execution decisions of the run machine.
 
 /// A rule's stable id, e.g. `R004-quick-never-destroys`.

@@ -2,9 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
 
-use tollgate_coordinator::core::lifecycle::{
-    HostState, LifecycleEvent, TransitionError, transition,
-};
+use tollgate_core::lifecycle::{HostState, LifecycleEvent, TransitionError, transition};
 
 use HostState::*;
 use LifecycleEvent::*;

@@ -331,7 +331,7 @@ impl RunMachine {
     }
 
     /// While waiting for a token: the claims to sign for `approvers` (sorted, distinct, as
-    /// collected by [`crate::core::approval`]) issued at `now_ms` with `nonce`.
+    /// collected by [`crate::approval`]) issued at `now_ms` with `nonce`.
     pub fn token_claims(
         &self,
         approvers: Vec<String>,

@@ -1,13 +1,12 @@
 //! `inventory.toml`: the hosts, their roles, safety classes and transports.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use serde::Deserialize;
 
+use super::ConfigError;
 use super::locate::parse_toml;
 use super::values::{DNS_LABEL_RULE, is_dns_label, is_spiffe_id};
-use super::{ConfigError, read_file};
 
 /// How much care a host needs. Drives approvals and token lifetimes (see `[tokens]` in
 /// `coordinator.toml`).
@@ -228,12 +227,6 @@ pub fn parse_inventory(text: &str, file: &str) -> Result<Inventory, ConfigError>
         });
     }
     Inventory::new(file, hosts)
-}
-
-/// Reads and parses an inventory file.
-pub fn load_inventory(path: &Path) -> Result<Inventory, ConfigError> {
-    let (text, label) = read_file(path)?;
-    parse_inventory(&text, &label)
 }
 
 fn convert_transport(file: &str, key: &str, raw: RawTransport) -> Result<Transport, ConfigError> {

@@ -137,32 +137,17 @@ mod locate;
 mod operations;
 mod values;
 
-use std::path::Path;
-
 pub use coordinator::{
     Authorization, Batch, ClassTable, ClassTokenPolicy, Concurrency, CoordinatorConfig,
     DEFAULT_LISTEN, DEFAULT_TOKEN_LIFETIME_MS, MAX_TOKEN_LIFETIME_MS, ProbeSettings, RetryPolicy,
-    Role, Rollout, TlsPaths, TokenSettings, load_coordinator, parse_coordinator,
+    Role, Rollout, TlsPaths, TokenSettings, parse_coordinator,
 };
 pub use error::ConfigError;
 pub use inventory::{
-    AgentTransport, Host, Inventory, PsRemoting, PsTarget, SafetyClass, Transport, load_inventory,
-    parse_inventory,
+    AgentTransport, Host, Inventory, PsRemoting, PsTarget, SafetyClass, Transport, parse_inventory,
 };
 pub use operations::{
     ActionSpec, DEFAULT_STEP_TIMEOUT_MS, MAX_STEP_RETRIES, MAX_STEP_TIMEOUT_MS, Operations, Phase,
-    ProbeScript, ScriptSource, Step, load_operations, parse_operations, validate_operations,
+    ProbeScript, ScriptSource, Step, parse_operations, validate_operations,
 };
 pub use values::{is_dns_label, is_spiffe_id, parse_duration_ms, show_ms};
-
-/// Reads a whole file; returns its text and the label errors use (the path as given).
-fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
-    let label = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok((text, label)),
-        Err(e) => Err(ConfigError::Read {
-            file: label,
-            reason: e.to_string(),
-        }),
-    }
-}

@@ -29,22 +29,22 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
-use tollgate_coordinator::config::{
+use tollgate_core::config::{
     Authorization, ClassTable, ClassTokenPolicy, Inventory, Operations, RetryPolicy, Role,
     parse_inventory, parse_operations,
 };
-use tollgate_coordinator::core::facts::{HostFacts, ProbeFailure, ProbeOutcome};
-use tollgate_coordinator::core::lifecycle::HostState;
-use tollgate_coordinator::core::outcome::TypedOutcome;
-use tollgate_coordinator::core::plan::Intent;
-use tollgate_coordinator::core::policy::PolicyConfig;
-use tollgate_coordinator::core::rules;
-use tollgate_coordinator::core::run::{
+use tollgate_core::facts::{HostFacts, ProbeFailure, ProbeOutcome};
+use tollgate_core::lifecycle::HostState;
+use tollgate_core::outcome::TypedOutcome;
+use tollgate_core::plan::Intent;
+use tollgate_core::policy::PolicyConfig;
+use tollgate_core::rules;
+use tollgate_core::run::{
     CheckAnswer, Effect, IdempotencyAnswer, Input, ProbePurpose, RunError, RunMachine, RunSettings,
     RunSpec, StepResult,
 };
-use tollgate_coordinator::core::timeline::{EventKind, TimelineEvent, Verdict};
-use tollgate_coordinator::core::token::{Claims, TokenIssuer};
+use tollgate_core::timeline::{EventKind, TimelineEvent, Verdict};
+use tollgate_core::token::{Claims, TokenIssuer};
 use tollgate_protocol::outcome::ReasonCode;
 use tollgate_protocol::{Action, Mode};
 use uuid::Uuid;
@@ -267,7 +267,7 @@ struct Driver {
     queries: Vec<(String, String, String)>,
     wakes: BTreeSet<u64>,
     awaiting: Option<Awaiting>,
-    finished: Option<tollgate_coordinator::core::outcome::RunResult>,
+    finished: Option<tollgate_core::outcome::RunResult>,
     // Oracle state.
     planned_fp: BTreeMap<String, String>,
     preflight_bad: bool,
@@ -784,10 +784,7 @@ impl Driver {
         Ok(())
     }
 
-    fn check_finish(
-        &self,
-        r: &tollgate_coordinator::core::outcome::RunResult,
-    ) -> Result<(), TestCaseError> {
+    fn check_finish(&self, r: &tollgate_core::outcome::RunResult) -> Result<(), TestCaseError> {
         prop_assert_eq!(r.run_id, self.run_id);
         if self.preflight_bad || self.targets.iter().any(|t| t == "ghost") {
             prop_assert!(

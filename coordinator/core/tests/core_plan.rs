@@ -6,28 +6,34 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
-use tollgate_coordinator::config::{
+use tollgate_core::config::{
     ActionSpec, Host, Inventory, Operations, SafetyClass, ScriptSource, Transport, parse_inventory,
     parse_operations,
 };
-use tollgate_coordinator::core::facts::HostFacts;
-use tollgate_coordinator::core::plan::{Draft, Intent, Plan, PlanError};
-use tollgate_coordinator::core::policy::{Decision, PolicyDecision, Ruling};
+use tollgate_core::facts::HostFacts;
+use tollgate_core::plan::{Draft, Intent, Plan, PlanError};
+use tollgate_core::policy::{Decision, PolicyDecision, Ruling};
 use tollgate_protocol::{Action, Mode};
 use uuid::Uuid;
 
 fn inventory() -> Inventory {
-    parse_inventory(include_str!("data/fleet/inventory.toml"), "inventory.toml").unwrap()
+    parse_inventory(
+        include_str!("../../tests/data/fleet/inventory.toml"),
+        "inventory.toml",
+    )
+    .unwrap()
 }
 
 fn operations() -> Operations {
     let mut ops = parse_operations(
-        include_str!("data/fleet/operations.toml"),
+        include_str!("../../tests/data/fleet/operations.toml"),
         "operations.toml",
     )
     .unwrap();
-    ops.resolve_run_files(|_| Ok(include_str!("data/fleet/scripts/remove.sh").to_owned()))
-        .unwrap();
+    ops.resolve_run_files(|_| {
+        Ok(include_str!("../../tests/data/fleet/scripts/remove.sh").to_owned())
+    })
+    .unwrap();
     ops
 }
 
@@ -124,7 +130,7 @@ impl Case {
         &mut self,
         phase: usize,
         step: usize,
-        f: impl FnOnce(&mut tollgate_coordinator::config::Step),
+        f: impl FnOnce(&mut tollgate_core::config::Step),
     ) {
         let mut deploy = self.ops.action(Action::Deploy).clone();
         let mut teardown = self.ops.action(Action::Teardown).clone();
@@ -227,7 +233,11 @@ fn sealing_refuses_what_it_cannot_stand_behind() {
             host: "ghost".into()
         })
     );
-    let unresolved = parse_operations(include_str!("data/fleet/operations.toml"), "ops").unwrap();
+    let unresolved = parse_operations(
+        include_str!("../../tests/data/fleet/operations.toml"),
+        "ops",
+    )
+    .unwrap();
     let intent = Intent {
         run_id: Uuid::nil(),
         action: Action::Teardown,

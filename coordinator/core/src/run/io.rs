@@ -6,10 +6,10 @@ use tollgate_protocol::Shell;
 use tollgate_protocol::outcome::{PlanView, ReasonCode};
 
 use crate::config::ProbeScript;
-use crate::core::facts::ProbeOutcome;
-use crate::core::outcome::RunResult;
-use crate::core::rules::RuleId;
-use crate::core::timeline::TimelineEvent;
+use crate::facts::ProbeOutcome;
+use crate::outcome::RunResult;
+use crate::rules::RuleId;
+use crate::timeline::TimelineEvent;
 
 /// Something that happened, fed to [`super::RunMachine::step`] with the current time.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use proptest::prelude::*;
-use tollgate_coordinator::config::{Authorization, Role};
-use tollgate_coordinator::core::token::{
+use tollgate_core::config::{Authorization, Role};
+use tollgate_core::token::{
     Claims, ScopeField, TokenIssuer, TokenRejection, TokenScope, VerifyContext, verify,
 };
 use tollgate_protocol::Action;

@@ -4,21 +4,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tollgate_coordinator::config::{
+use tollgate_core::barrier::{BarrierDecision, BarrierInput, HostPhaseResult, evaluate_barrier};
+use tollgate_core::config::{
     Authorization, ClassTable, ClassTokenPolicy, Inventory, Operations, Role, parse_inventory,
     parse_operations,
 };
-use tollgate_coordinator::core::barrier::{
-    BarrierDecision, BarrierInput, HostPhaseResult, evaluate_barrier,
-};
-use tollgate_coordinator::core::facts::{HostFacts, ProbeFailure, ProbeOutcome};
-use tollgate_coordinator::core::lifecycle::HostState;
-use tollgate_coordinator::core::plan::{Draft, Intent, Plan};
-use tollgate_coordinator::core::policy::{
-    Decision, PolicyConfig, PolicyDecision, Ruling, TokenEvidence,
-};
-use tollgate_coordinator::core::rules;
-use tollgate_coordinator::core::token::{
+use tollgate_core::facts::{HostFacts, ProbeFailure, ProbeOutcome};
+use tollgate_core::lifecycle::HostState;
+use tollgate_core::plan::{Draft, Intent, Plan};
+use tollgate_core::policy::{Decision, PolicyConfig, PolicyDecision, Ruling, TokenEvidence};
+use tollgate_core::rules;
+use tollgate_core::token::{
     Claims, TokenIssuer, TokenRejection, TokenScope, VerifiedToken, VerifyContext, verify,
 };
 use tollgate_protocol::outcome::ReasonCode;
@@ -66,9 +62,13 @@ fn folded(s: &str) -> [u8; 32] {
 }
 
 fn plan() -> Plan {
-    let inv: Inventory = parse_inventory(include_str!("data/fleet/inventory.toml"), "inv").unwrap();
-    let mut ops: Operations =
-        parse_operations(include_str!("data/fleet/operations.toml"), "ops").unwrap();
+    let inv: Inventory =
+        parse_inventory(include_str!("../../tests/data/fleet/inventory.toml"), "inv").unwrap();
+    let mut ops: Operations = parse_operations(
+        include_str!("../../tests/data/fleet/operations.toml"),
+        "ops",
+    )
+    .unwrap();
     ops.resolve_run_files(|_| Ok("rm -rf /opt/app".into()))
         .unwrap();
     let intent = Intent {

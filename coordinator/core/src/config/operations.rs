@@ -2,15 +2,14 @@
 //! per-role probe scripts.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use serde::Deserialize;
 use tollgate_protocol::{Action, Shell};
 
+use super::ConfigError;
 use super::inventory::Inventory;
 use super::locate::{key_segment, parse_toml};
 use super::values::{DNS_LABEL_RULE, duration_in, is_dns_label};
-use super::{ConfigError, read_file};
 
 /// A step's timeout when `timeout` is not given: 5 minutes.
 pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 300_000;
@@ -256,18 +255,6 @@ pub fn parse_operations(text: &str, file: &str) -> Result<Operations, ConfigErro
         );
     }
     Operations::new(file, deploy, teardown, probes)
-}
-
-/// Reads, parses and validates an operations file, then reads every `run_file` relative to the
-/// operations file's directory.
-pub fn load_operations(path: &Path) -> Result<Operations, ConfigError> {
-    let (text, label) = read_file(path)?;
-    let mut ops = parse_operations(&text, &label)?;
-    let base = path.parent().unwrap_or_else(|| Path::new("."));
-    ops.resolve_run_files(|rel| {
-        std::fs::read_to_string(base.join(rel)).map_err(|e| e.to_string())
-    })?;
-    Ok(ops)
 }
 
 /// Checks operations against an inventory: every role a step or probe names must be a role

@@ -6,17 +6,15 @@ use tollgate_protocol::Shell;
 use tollgate_protocol::outcome::ReasonCode;
 
 use super::{Execution, Failure, MAX_QUERIES, Next, Part, Status, Task};
-use crate::core::barrier::HostPhaseResult;
-use crate::core::lifecycle::{HostState, LifecycleEvent};
-use crate::core::outcome::TypedOutcome;
-use crate::core::plan::PlannedStep;
-use crate::core::rules::{self, RuleId};
-use crate::core::run::backoff::backoff_ms;
-use crate::core::run::io::{
-    CheckAnswer, CheckRequest, Dispatch, Effect, IdempotencyAnswer, StepResult,
-};
-use crate::core::run::{Ctx, Out, RunError};
-use crate::core::timeline::{EventKind, Verdict};
+use crate::barrier::HostPhaseResult;
+use crate::lifecycle::{HostState, LifecycleEvent};
+use crate::outcome::TypedOutcome;
+use crate::plan::PlannedStep;
+use crate::rules::{self, RuleId};
+use crate::run::backoff::backoff_ms;
+use crate::run::io::{CheckAnswer, CheckRequest, Dispatch, Effect, IdempotencyAnswer, StepResult};
+use crate::run::{Ctx, Out, RunError};
+use crate::timeline::{EventKind, Verdict};
 
 /// The step a host is at: its planned step without the step's host list. Answers look it up
 /// once each; cloning the whole list there made a run over N hosts cost O(N^2).

@@ -344,7 +344,7 @@ mod tests {
 
     use super::*;
     use crate::config::Role;
-    use crate::core::token::{Claims, TokenIssuer};
+    use crate::token::{Claims, TokenIssuer};
 
     #[test]
     fn an_open_run_is_closed_by_its_keys_and_uncertainty_fails_closed() {

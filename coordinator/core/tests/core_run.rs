@@ -4,18 +4,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tollgate_coordinator::config::{parse_coordinator, parse_inventory, parse_operations};
-use tollgate_coordinator::core::facts::{HostFacts, ProbeFailure, ProbeOutcome};
-use tollgate_coordinator::core::lifecycle::HostState;
-use tollgate_coordinator::core::outcome::{RunResult, TypedOutcome};
-use tollgate_coordinator::core::plan::Intent;
-use tollgate_coordinator::core::rules;
-use tollgate_coordinator::core::run::{
+use tollgate_core::config::{parse_coordinator, parse_inventory, parse_operations};
+use tollgate_core::facts::{HostFacts, ProbeFailure, ProbeOutcome};
+use tollgate_core::lifecycle::HostState;
+use tollgate_core::outcome::{RunResult, TypedOutcome};
+use tollgate_core::plan::Intent;
+use tollgate_core::rules;
+use tollgate_core::run::{
     CheckAnswer, Dispatch, Effect, IdempotencyAnswer, Input, ProbePurpose, RunError, RunMachine,
     RunSettings, RunSpec, StepResult,
 };
-use tollgate_coordinator::core::timeline::{EventKind, TimelineEvent, Verdict};
-use tollgate_coordinator::core::token::{Claims, TokenIssuer};
+use tollgate_core::timeline::{EventKind, TimelineEvent, Verdict};
+use tollgate_core::token::{Claims, TokenIssuer};
 use tollgate_protocol::outcome::{OutcomeKind, ReasonCode};
 use tollgate_protocol::{Action, Mode};
 use uuid::Uuid;
@@ -41,17 +41,22 @@ struct Run {
 
 impl Run {
     fn new(action: Action, mode: Mode, targets: &[&str]) -> Self {
-        let inv =
-            parse_inventory(include_str!("data/fleet/inventory.toml"), "inventory.toml").unwrap();
+        let inv = parse_inventory(
+            include_str!("../../tests/data/fleet/inventory.toml"),
+            "inventory.toml",
+        )
+        .unwrap();
         let mut ops = parse_operations(
-            include_str!("data/fleet/operations.toml"),
+            include_str!("../../tests/data/fleet/operations.toml"),
             "operations.toml",
         )
         .unwrap();
-        ops.resolve_run_files(|_| Ok(include_str!("data/fleet/scripts/remove.sh").to_owned()))
-            .unwrap();
+        ops.resolve_run_files(|_| {
+            Ok(include_str!("../../tests/data/fleet/scripts/remove.sh").to_owned())
+        })
+        .unwrap();
         let cfg = parse_coordinator(
-            include_str!("data/fleet/coordinator.toml"),
+            include_str!("../../tests/data/fleet/coordinator.toml"),
             "coordinator.toml",
         )
         .unwrap();

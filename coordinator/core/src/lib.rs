@@ -1,10 +1,13 @@
-//! The pure safety core (SPEC §3): no I/O, no clock reads, no randomness, no actors.
+//! The pure safety core (SPEC §3), the `tollgate-core` crate: no I/O, no clock reads, no
+//! randomness, no actors. It depends on no async runtime, network or file API, so the
+//! compiler, not habit, keeps it so.
 //!
 //! Time comes in as unix milliseconds, nonces and seeds are passed in, and every function is
 //! plain data in, plain data out, so every rule can be tested exhaustively.
 //!
 //! | module | what it does |
 //! |---|---|
+//! | [`config`] | the three config files parsed and validated (text in, typed config out; reading them is the caller's) |
 //! | [`lifecycle`] | host states and the explicit transition table |
 //! | [`facts`] | probe answers, fingerprints, probe failure classification |
 //! | [`policy`] | the rule table and [`policy::evaluate`]; effective mode; policy hash |
@@ -28,6 +31,7 @@ pub mod barrier;
 pub mod canon;
 pub mod closed;
 pub mod commands;
+pub mod config;
 pub mod facts;
 pub mod leases;
 pub mod ledger;

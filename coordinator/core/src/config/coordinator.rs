@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::ConfigError;
 use super::inventory::SafetyClass;
 use super::locate::{key_segment, parse_toml};
 use super::values::{duration_in, is_spiffe_id};
-use super::{ConfigError, read_file};
 
 /// Default `listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7440";
@@ -470,13 +470,6 @@ pub fn parse_coordinator(text: &str, file: &str) -> Result<CoordinatorConfig, Co
         retry,
         rollout,
     })
-}
-
-/// Reads and parses `coordinator.toml`, then makes its paths relative to the file's directory.
-pub fn load_coordinator(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
-    let (text, label) = read_file(path)?;
-    let config = parse_coordinator(&text, &label)?;
-    Ok(config.resolve_relative_to(path.parent().unwrap_or_else(|| Path::new("."))))
 }
 
 fn non_empty_path(

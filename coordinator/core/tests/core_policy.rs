@@ -4,17 +4,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tollgate_coordinator::config::{
-    Authorization, ClassTable, ClassTokenPolicy, Role, SafetyClass,
-};
-use tollgate_coordinator::core::facts::HostFacts;
-use tollgate_coordinator::core::lifecycle::HostState;
-use tollgate_coordinator::core::policy::{
+use tollgate_core::config::{Authorization, ClassTable, ClassTokenPolicy, Role, SafetyClass};
+use tollgate_core::facts::HostFacts;
+use tollgate_core::lifecycle::HostState;
+use tollgate_core::policy::{
     Decision, HostInput, PolicyConfig, PolicyDecision, PolicyInput, Stage, TokenEvidence, evaluate,
     policy_hash,
 };
-use tollgate_coordinator::core::rules;
-use tollgate_coordinator::core::token::{
+use tollgate_core::rules;
+use tollgate_core::token::{
     Claims, TokenIssuer, TokenRejection, TokenScope, VerifiedToken, VerifyContext, verify,
 };
 use tollgate_protocol::outcome::ReasonCode;

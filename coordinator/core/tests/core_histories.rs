@@ -53,26 +53,26 @@ use std::fmt::Write as _;
 
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
-use tollgate_coordinator::config::{
+use tollgate_core::approval::{ApprovalProgress, ApprovalRequest, PendingApproval};
+use tollgate_core::closed::{self, OpenRun, close_after_restart};
+use tollgate_core::config::{
     Authorization, ClassTable, ClassTokenPolicy, Inventory, Operations, RetryPolicy, Role,
     parse_inventory, parse_operations,
 };
-use tollgate_coordinator::core::approval::{ApprovalProgress, ApprovalRequest, PendingApproval};
-use tollgate_coordinator::core::closed::{self, OpenRun, close_after_restart};
-use tollgate_coordinator::core::facts::{HostFacts, ProbeFailure, ProbeOutcome};
-use tollgate_coordinator::core::leases::Leases;
-use tollgate_coordinator::core::ledger::{
+use tollgate_core::facts::{HostFacts, ProbeFailure, ProbeOutcome};
+use tollgate_core::leases::Leases;
+use tollgate_core::ledger::{
     self, Admission, JournalFact, Known, LedgerEvent, OnRestart, RunRecord, Stage, on_restart,
 };
-use tollgate_coordinator::core::outcome::{RunResult, TypedOutcome};
-use tollgate_coordinator::core::plan::Intent;
-use tollgate_coordinator::core::policy::PolicyConfig;
-use tollgate_coordinator::core::run::{
+use tollgate_core::outcome::{RunResult, TypedOutcome};
+use tollgate_core::plan::Intent;
+use tollgate_core::policy::PolicyConfig;
+use tollgate_core::run::{
     CheckAnswer, Effect, IdempotencyAnswer, Input, ProbePurpose, RunMachine, RunSettings, RunSpec,
     StepResult, token_issued_event,
 };
-use tollgate_coordinator::core::timeline::{EventKind, TimelineEvent, Verdict};
-use tollgate_coordinator::core::token::TokenIssuer;
+use tollgate_core::timeline::{EventKind, TimelineEvent, Verdict};
+use tollgate_core::token::TokenIssuer;
 use tollgate_protocol::outcome::{OutcomeKind, ReasonCode};
 use tollgate_protocol::{Action, Mode};
 use uuid::Uuid;
@@ -1582,7 +1582,7 @@ impl<'a> Model<'a> {
                 say!(self, "  approve {n} by {who}: refused: {}", refused.error);
                 if matches!(
                     refused.error,
-                    tollgate_coordinator::core::approval::ApprovalError::SelfApproval(_)
+                    tollgate_core::approval::ApprovalError::SelfApproval(_)
                 ) {
                     self.cov.self_approval_refused += 1;
                 }

@@ -5,14 +5,14 @@ use std::collections::BTreeSet;
 use tollgate_protocol::Action;
 
 use super::{Execution, Next, Part};
-use crate::core::barrier::{BarrierDecision, BarrierInput, evaluate_barrier};
-use crate::core::facts::ProbeOutcome;
-use crate::core::lifecycle::{HostState, LifecycleEvent};
-use crate::core::outcome::TypedOutcome;
-use crate::core::policy::TokenEvidence;
-use crate::core::run::{Ctx, Out, RunEnd, RunError, probe_event, scope_of};
-use crate::core::timeline::{EventKind, Verdict};
-use crate::core::token::{self, VerifyContext};
+use crate::barrier::{BarrierDecision, BarrierInput, evaluate_barrier};
+use crate::facts::ProbeOutcome;
+use crate::lifecycle::{HostState, LifecycleEvent};
+use crate::outcome::TypedOutcome;
+use crate::policy::TokenEvidence;
+use crate::run::{Ctx, Out, RunEnd, RunError, probe_event, scope_of};
+use crate::timeline::{EventKind, Verdict};
+use crate::token::{self, VerifyContext};
 
 impl Execution {
     pub(super) fn on_reprobed(

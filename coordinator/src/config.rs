@@ -1,0 +1,43 @@
+//! The config files, read from disk. Parsing and validation are the pure core's
+//! ([`tollgate_core::config`], re-exported here whole); this module only reads the files.
+
+use std::path::Path;
+
+pub use tollgate_core::config::*;
+
+/// Reads a whole file; returns its text and the label errors use (the path as given).
+fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
+    let label = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((text, label)),
+        Err(e) => Err(ConfigError::Read {
+            file: label,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Reads and parses `coordinator.toml`, then makes its paths relative to the file's directory.
+pub fn load_coordinator(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+    let (text, label) = read_file(path)?;
+    let config = parse_coordinator(&text, &label)?;
+    Ok(config.resolve_relative_to(path.parent().unwrap_or_else(|| Path::new("."))))
+}
+
+/// Reads and parses an inventory file.
+pub fn load_inventory(path: &Path) -> Result<Inventory, ConfigError> {
+    let (text, label) = read_file(path)?;
+    parse_inventory(&text, &label)
+}
+
+/// Reads, parses and validates an operations file, then reads every `run_file` relative to the
+/// operations file's directory.
+pub fn load_operations(path: &Path) -> Result<Operations, ConfigError> {
+    let (text, label) = read_file(path)?;
+    let mut ops = parse_operations(&text, &label)?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    ops.resolve_run_files(|rel| {
+        std::fs::read_to_string(base.join(rel)).map_err(|e| e.to_string())
+    })?;
+    Ok(ops)
+}
