@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tollgate_protocol::Shell;
-use tollgate_protocol::agent::{ExecStatus, ProbeReport, ProbeRequest};
+use tollgate_protocol::agent::{AgentErrorCode, ExecStatus, ProbeReport, ProbeRequest};
 
 use crate::exec::{self, ExecSpec};
 use crate::shells::Shells;
@@ -22,6 +22,29 @@ use crate::shells::Shells;
 const PROBE_OUTPUT_MAX: usize = 64 * 1024;
 
 pub use tollgate_protocol::agent::fingerprint;
+
+/// Why a probe failed: a typed code the coordinator acts on, and words for people. The
+/// coordinator never reads the words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeError {
+    pub code: AgentErrorCode,
+    pub message: String,
+}
+
+impl ProbeError {
+    fn new(code: AgentErrorCode, message: impl Into<String>) -> Self {
+        ProbeError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
 
 /// Turns a probe script's stdout into `probe.*` facts.
 pub fn script_facts(stdout: &[u8]) -> Result<BTreeMap<String, String>, String> {
@@ -112,7 +135,7 @@ impl Prober {
         program: PathBuf,
         script: &str,
         timeout: Duration,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, ProbeError> {
         let spec = ExecSpec {
             shell,
             program,
@@ -130,9 +153,10 @@ impl Prober {
         drain.abort();
         match outcome.status {
             ExecStatus::Exited { code: 0 } if !outcome.stdout_truncated => Ok(outcome.stdout),
-            ExecStatus::Exited { code: 0 } => {
-                Err(format!("output exceeds {PROBE_OUTPUT_MAX} bytes"))
-            }
+            ExecStatus::Exited { code: 0 } => Err(ProbeError::new(
+                AgentErrorCode::ProbeMalformed,
+                format!("output exceeds {PROBE_OUTPUT_MAX} bytes"),
+            )),
             ExecStatus::Exited { code } => {
                 let tail = String::from_utf8_lossy(&outcome.stderr);
                 let tail: String = tail
@@ -143,10 +167,22 @@ impl Prober {
                     .into_iter()
                     .rev()
                     .collect();
-                Err(format!("exited with code {code}: {}", tail.trim()))
+                Err(ProbeError::new(
+                    AgentErrorCode::ProbeFailed,
+                    format!("exited with code {code}: {}", tail.trim()),
+                ))
             }
-            ExecStatus::TimedOut => Err(format!("timed out after {} ms", timeout.as_millis())),
-            other => Err(format!("{other:?}")),
+            ExecStatus::TimedOut => Err(ProbeError::new(
+                AgentErrorCode::ProbeTimedOut,
+                format!("timed out after {} ms", timeout.as_millis()),
+            )),
+            ExecStatus::CapabilityMismatch { detail, .. } => {
+                Err(ProbeError::new(AgentErrorCode::CapabilityMismatch, detail))
+            }
+            other => Err(ProbeError::new(
+                AgentErrorCode::ProbeFailed,
+                format!("{other:?}"),
+            )),
         }
     }
 
@@ -193,7 +229,7 @@ impl Prober {
     }
 
     /// Collects facts, runs the probe script if any, and fingerprints the result.
-    pub async fn probe(&self, req: &ProbeRequest) -> Result<ProbeReport, String> {
+    pub async fn probe(&self, req: &ProbeRequest) -> Result<ProbeReport, ProbeError> {
         let mut facts = BTreeMap::new();
         facts.insert("host.name".into(), host_name());
         facts.insert("os.family".into(), std::env::consts::OS.into());
@@ -205,16 +241,21 @@ impl Prober {
         }
         self.pwsh_facts(&mut facts).await;
         if let Some(script) = &req.script {
-            let program = self
-                .shells
-                .resolve(script.shell)
-                .map_err(|e| format!("probe script: {e}"))?;
+            let program = self.shells.resolve(script.shell).map_err(|e| {
+                ProbeError::new(
+                    AgentErrorCode::CapabilityMismatch,
+                    format!("probe script: {e}"),
+                )
+            })?;
             let timeout = Duration::from_millis(req.timeout_ms.max(1));
             let out = self
                 .run_capture(script.shell, program, &script.body, timeout)
                 .await
-                .map_err(|e| format!("probe script {e}"))?;
-            facts.extend(script_facts(&out)?);
+                .map_err(|e| ProbeError::new(e.code, format!("probe script {e}")))?;
+            facts.extend(
+                script_facts(&out)
+                    .map_err(|e| ProbeError::new(AgentErrorCode::ProbeMalformed, e))?,
+            );
         }
         let mut volatile = BTreeMap::new();
         if let Some(free) = free_bytes(&self.state_dir) {

@@ -287,7 +287,7 @@ async fn stream(
         },
         AgentRequest::Probe(p) => match state.prober.probe(&p).await {
             Ok(report) => AgentResponse::ProbeReport(report),
-            Err(e) => wire_error(AgentErrorCode::ProbeFailed, e),
+            Err(e) => wire_error(e.code, e.message),
         },
         AgentRequest::Cancel { idempotency_key } => AgentResponse::CancelAck {
             found: state.store.cancel(&idempotency_key),

@@ -175,9 +175,14 @@ pub enum AgentErrorCode {
     Oversize,
     Busy,
     ShuttingDown,
-    /// The probe script failed, timed out, or did not print one JSON object.
+    /// The probe script failed (non-zero exit, could not start).
     ProbeFailed,
-    /// The requested shell is not allowed or not installed; nothing ran.
+    /// The probe script did not print one JSON object (or printed more than 64 KiB).
+    ProbeMalformed,
+    /// The probe script did not finish within the probe's timeout.
+    ProbeTimedOut,
+    /// The requested shell (of a step or a probe script) is not allowed or not installed;
+    /// nothing ran.
     CapabilityMismatch,
     /// The idempotency key was used before for a different request.
     IdempotencyConflict,

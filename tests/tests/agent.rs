@@ -387,20 +387,18 @@ async fn probe_reports_facts_and_a_stable_fingerprint() {
         "a changed fact changes the fingerprint"
     );
 
-    for (body, needle) in [
-        ("echo not json", "not JSON"),
-        ("exit 7", "code 7"),
-        ("sleep 30", "timed out"),
+    for (body, want, needle) in [
+        ("echo not json", AgentErrorCode::ProbeMalformed, "not JSON"),
+        ("exit 7", AgentErrorCode::ProbeFailed, "code 7"),
+        ("sleep 30", AgentErrorCode::ProbeTimedOut, "timed out"),
     ] {
         let req = ProbeRequest {
             timeout_ms: 500,
             ..scripted(body)
         };
+        // The code is what the coordinator acts on; the words are for people.
         match link.probe(req, LIMIT).await.unwrap_err() {
-            LinkError::Refused {
-                code: AgentErrorCode::ProbeFailed,
-                message,
-            } => {
+            LinkError::Refused { code, message } if code == want => {
                 assert!(message.contains(needle), "{body}: {message}")
             }
             other => panic!("{body}: {other}"),

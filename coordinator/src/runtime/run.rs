@@ -464,7 +464,8 @@ impl RunActor {
                         output: None,
                     });
                     ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                        let answer = host::check_answer(res.unwrap_or(StepResult::OutcomeLost));
+                        let answer =
+                            crate::core::run::check_answer(res.unwrap_or(StepResult::OutcomeLost));
                         act.feed(
                             ctx,
                             Input::CheckAnswered {

@@ -23,9 +23,10 @@ use crate::core::token::TokenIssuer;
 use crate::journal::index::RunIndex;
 use crate::runtime::clock::Clock;
 use crate::runtime::coordinator::{Coordinator, Setup};
-use crate::runtime::host::{HostActor, Reach};
+use crate::runtime::host::HostActor;
 use crate::runtime::nonces::NonceStore;
 use crate::runtime::recorder::Recorder;
+use crate::transport::Reach;
 use crate::transport::agent::AgentConnector;
 use crate::transport::pwsh::{PwshMode, PwshSettings, SshTarget, WinRmTarget};
 

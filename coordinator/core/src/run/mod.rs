@@ -26,6 +26,7 @@
 //! * every decision (allow, block, escalate, await, retry, skip, query, fail, complete) is a
 //!   [`Effect::Record`] with its rule, before the effect it decides.
 
+pub mod answers;
 mod backoff;
 mod exec;
 mod io;
@@ -35,6 +36,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tollgate_protocol::Mode;
 use tollgate_protocol::outcome::ReasonCode;
 
+pub use answers::{check_answer, idempotency_answer, step_result};
 pub use backoff::backoff_ms;
 pub use io::{
     CheckAnswer, CheckRequest, Dispatch, Effect, IdempotencyAnswer, Input, ProbePurpose,

@@ -32,6 +32,7 @@
 //! | the script threw | `ExecStatus::Exited { code: 1 }`, the record in [`PwshSession::last_script_error`] and on stderr |
 //! | any break while a step was in flight | its marker's stored result, or `ExecStatus::Uncertain`; in `none` mode a key never started is [`SessionError::Unreachable`] |
 
+pub mod answers;
 mod child;
 pub mod contract;
 mod settings;

@@ -2,7 +2,10 @@
 //! certificate must carry exactly the SPIFFE id the inventory names for that host.
 //!
 //! `Hello` is exchanged before anything else, so a refused certificate is noticed before any
-//! request is sent. Each request is one bidirectional stream.
+//! request is sent. Each request is one bidirectional stream. [`host::AgentHost`] is one agent
+//! host as the Host actor sees it (dialling, back-off, typed answers).
+
+pub mod host;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +39,10 @@ pub enum LinkError {
     /// The agent broke the protocol (bad frame, wrong answer).
     #[error("agent protocol error: {0}")]
     Protocol(String),
+    /// The agent speaks no protocol version this coordinator does (found at `Hello`, or in a
+    /// frame's header).
+    #[error("agent speaks another protocol version: {0}")]
+    VersionMismatch(String),
     #[error("agent did not answer within {0:?}")]
     Timeout(Duration),
 }
@@ -237,13 +244,13 @@ impl AgentConnector {
             // Any failure here is before a real request: still "unreachable", never "lost".
             // In TLS 1.3 the server judges our certificate after our side of the handshake is
             // done, so a refusal can arrive as the close of this first stream: name its reason.
-            match link
-                .round_trip(&hello)
-                .await
-                .map_err(|e| match link.conn.close_reason() {
-                    Some(why) => unreachable(format!("{e}: {}", chain(&why))),
-                    None => unreachable(e.to_string()),
-                })? {
+            match link.round_trip(&hello).await.map_err(|e| {
+                match (e, link.conn.close_reason()) {
+                    (e @ LinkError::VersionMismatch(_), _) => e,
+                    (e, Some(why)) => unreachable(format!("{e}: {}", chain(&why))),
+                    (e, None) => unreachable(e.to_string()),
+                }
+            })? {
                 AgentResponse::HelloAck(_) => Ok(link),
                 AgentResponse::Error(e) => Err(LinkError::Refused {
                     code: e.code,
@@ -331,6 +338,9 @@ impl AgentLink {
             Ok(None) => Err(LinkError::Lost("stream ended without an answer".into())),
             Err(FrameError::Io(e)) => Err(LinkError::Lost(chain(&e))),
             Err(FrameError::Truncated { .. }) => Err(LinkError::Lost("answer truncated".into())),
+            Err(
+                e @ (FrameError::UnsupportedVersion { .. } | FrameError::NoCommonVersion { .. }),
+            ) => Err(LinkError::VersionMismatch(e.to_string())),
             Err(e) => Err(LinkError::Protocol(e.to_string())),
         }
     }

@@ -1,0 +1,57 @@
+//! A session's failures as the core's typed answers, by variant, never by wording.
+
+use tollgate_protocol::outcome::ReasonCode;
+
+use crate::core::facts::ProbeFailure;
+use crate::core::run::StepResult;
+
+use super::SessionError;
+
+/// A failed probe's typed cause.
+pub fn probe_failure(e: &SessionError) -> ProbeFailure {
+    match e {
+        SessionError::PwshMissing { .. } => ProbeFailure::ShellUnavailable,
+        SessionError::AuthFailed(_) | SessionError::CredentialUnavailable(_) => {
+            ProbeFailure::AuthFailed
+        }
+        SessionError::Unreachable(_) => ProbeFailure::Unreachable,
+        SessionError::Lost(_) => ProbeFailure::SessionBroken,
+        SessionError::Timeout(_) => ProbeFailure::TimedOut,
+        SessionError::Protocol(d) | SessionError::ProbeMalformed(d) => {
+            ProbeFailure::Malformed { detail: d.clone() }
+        }
+        other => ProbeFailure::Failed {
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// What a failed execution means: nothing sent or busy (retry), refused (permanent), or sent
+/// and then lost (the outcome is unknown; the machine queries the key).
+pub fn step_failure(e: &SessionError) -> StepResult {
+    match e {
+        SessionError::Unreachable(_) => StepResult::Transient {
+            reason: ReasonCode::Unreachable,
+        },
+        SessionError::Refused { .. } if e.is_transient() => StepResult::Transient {
+            reason: ReasonCode::Unreachable,
+        },
+        SessionError::AuthFailed(_) | SessionError::CredentialUnavailable(_) => {
+            StepResult::Permanent {
+                reason: ReasonCode::AuthFailed,
+                exit_code: None,
+            }
+        }
+        SessionError::PwshMissing { .. } => StepResult::Permanent {
+            reason: ReasonCode::ShellUnavailable,
+            exit_code: None,
+        },
+        SessionError::Lost(_) | SessionError::Timeout(_) | SessionError::Protocol(_) => {
+            StepResult::OutcomeLost
+        }
+        _ => StepResult::Permanent {
+            reason: ReasonCode::SpawnFailed,
+            exit_code: None,
+        },
+    }
+}
