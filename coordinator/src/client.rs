@@ -27,6 +27,8 @@ use tollgate_protocol::ctl::{CtlRequest, CtlResponse, ProgressEvent};
 use tollgate_protocol::io::{read_frame, write_frame};
 use tollgate_protocol::{CTL_ALPN, FrameLimits, SUPPORTED};
 
+use crate::error_chain::chain;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{file}: {key}: {reason}")]
@@ -225,15 +227,4 @@ impl Client {
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        src = s.source();
-    }
-    text
 }

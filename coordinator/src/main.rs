@@ -8,10 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tollgate_certs::Role;
 use tollgate_certs::pki::RevokeTarget;
 use tollgate_coordinator::client::{Client, ClientConfig, ClientError};
+use tollgate_coordinator::exit;
 use tollgate_coordinator::pki;
-use tollgate_coordinator::render::{
-    self, EXIT_APPROVAL_PENDING, EXIT_REFUSED, EXIT_TAMPERED, EXIT_UNREACHABLE, EXIT_USAGE,
-};
+use tollgate_coordinator::render;
 use tollgate_protocol::ctl::{CtlRequest, CtlResponse, OperationIntent, ProgressEvent};
 use tollgate_protocol::{Action, Mode};
 use uuid::Uuid;
@@ -291,7 +290,7 @@ fn show(resp: CtlResponse, json: bool) -> u8 {
             } else {
                 print!("{}", render::report(&r))
             }
-            render::exit_code(r.outcome.kind())
+            exit::for_outcome(r.outcome.kind())
         }
         CtlResponse::Plan(p) => {
             if json {
@@ -325,7 +324,7 @@ fn show(resp: CtlResponse, json: bool) -> u8 {
                     approvers.join(", ")
                 );
             }
-            EXIT_APPROVAL_PENDING
+            exit::APPROVAL_PENDING
         }
         CtlResponse::Status { hosts } => {
             if json {
@@ -353,7 +352,7 @@ fn show(resp: CtlResponse, json: bool) -> u8 {
             } else {
                 print!("{}", render::verify(&v))
             }
-            if v.ok { 0 } else { EXIT_TAMPERED }
+            if v.ok { exit::OK } else { exit::TAMPERED }
         }
         CtlResponse::Diff(d) => {
             if json {
@@ -362,9 +361,9 @@ fn show(resp: CtlResponse, json: bool) -> u8 {
                 print!("{}", render::diff(&d))
             }
             match (&d.problem, d.parity) {
-                (Some(_), _) => EXIT_TAMPERED,
+                (Some(_), _) => exit::TAMPERED,
                 (None, true) => 0,
-                (None, false) => render::EXIT_DIFFERENT,
+                (None, false) => exit::DIFFERENT,
             }
         }
         CtlResponse::Explanation { lines } => {
@@ -383,21 +382,21 @@ fn show(resp: CtlResponse, json: bool) -> u8 {
             } else {
                 eprintln!("tollgate: refused ({:?}): {}", e.code, e.message);
             }
-            render::exit_for_error(e.code)
+            exit::for_error(e.code)
         }
         CtlResponse::HelloAck(_) | CtlResponse::Progress(_) => {
             eprintln!("tollgate: unexpected answer");
-            EXIT_REFUSED
+            exit::REFUSED
         }
     }
 }
 
 fn client_config(path: Option<PathBuf>) -> Result<ClientConfig, (u8, String)> {
     let path = path.ok_or((
-        EXIT_USAGE,
+        exit::USAGE,
         "no client config: pass --client FILE or set TOLLGATE_CLIENT".to_string(),
     ))?;
-    ClientConfig::load(&path).map_err(|e| (EXIT_USAGE, e.to_string()))
+    ClientConfig::load(&path).map_err(|e| (exit::USAGE, e.to_string()))
 }
 
 fn request_for(cmd: Command) -> CtlRequest {
@@ -455,7 +454,7 @@ fn remote(client: Option<PathBuf>, json: bool, cmd: Command) -> u8 {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tollgate: {e}");
-            return EXIT_USAGE;
+            return exit::USAGE;
         }
     };
     rt.block_on(async move {
@@ -464,8 +463,8 @@ fn remote(client: Option<PathBuf>, json: bool, cmd: Command) -> u8 {
             Err(e) => {
                 eprintln!("tollgate: {e}");
                 return match e {
-                    ClientError::Config { .. } | ClientError::Certs(_) => EXIT_USAGE,
-                    _ => EXIT_UNREACHABLE,
+                    ClientError::Config { .. } | ClientError::Certs(_) => exit::USAGE,
+                    _ => exit::UNREACHABLE,
                 };
             }
         };
@@ -477,7 +476,7 @@ fn remote(client: Option<PathBuf>, json: bool, cmd: Command) -> u8 {
             Ok(resp) => show(resp, json),
             Err(e) => {
                 eprintln!("tollgate: {e}");
-                EXIT_UNREACHABLE
+                exit::UNREACHABLE
             }
         }
     })
@@ -504,7 +503,7 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("tollgate: {e:#}");
-                EXIT_USAGE
+                exit::USAGE
             }
         },
         Command::Demo { dir } => match demo::run(dir) {
@@ -518,7 +517,7 @@ fn main() -> ExitCode {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("tollgate serve: {e:#}");
-                EXIT_USAGE
+                exit::USAGE
             }
         },
         Command::Runs(RunsCommand::Verify {
@@ -544,11 +543,11 @@ fn verify_offline(run: Option<Uuid>, dir: &Path, key: &Path, json: bool) -> u8 {
                 key.display(),
                 k.len()
             );
-            return EXIT_USAGE;
+            return exit::USAGE;
         }
         Err(e) => {
             eprintln!("tollgate: {}: {e}", key.display());
-            return EXIT_USAGE;
+            return exit::USAGE;
         }
     };
     let from_dir = dir
@@ -560,7 +559,7 @@ fn verify_offline(run: Option<Uuid>, dir: &Path, key: &Path, json: bool) -> u8 {
             "tollgate: {}: the directory is not named after a run id; pass the run id too",
             dir.display()
         );
-        return EXIT_USAGE;
+        return exit::USAGE;
     };
     let r = tollgate_coordinator::journal::verify_run_dir(dir, run_id, &public_key);
     show(

@@ -1,4 +1,4 @@
-//! What the CLI prints, and the exit status of each typed outcome.
+//! What the CLI prints (exit statuses are [`crate::exit`]'s).
 //!
 //! | exit | meaning |
 //! |---|---|
@@ -23,39 +23,7 @@ use std::fmt::Write;
 use tollgate_protocol::ctl::{
     Approval, DiffReport, HostStatus, ProgressEvent, ProgressKind, RunListEntry, VerifyReport,
 };
-use tollgate_protocol::outcome::{Outcome, OutcomeKind, PlanView, RunReport};
-
-pub const EXIT_USAGE: u8 = 2;
-pub const EXIT_UNREACHABLE: u8 = 3;
-pub const EXIT_REFUSED: u8 = 4;
-pub const EXIT_TAMPERED: u8 = 5;
-pub const EXIT_DIFFERENT: u8 = 6;
-pub const EXIT_APPROVAL_PENDING: u8 = 12;
-
-/// The exit status for a refusal: a run whose record is missing or does not verify is
-/// reported as damage (5), any other refusal as 4.
-pub fn exit_for_error(code: tollgate_protocol::ctl::CtlErrorCode) -> u8 {
-    use tollgate_protocol::ctl::CtlErrorCode;
-    match code {
-        CtlErrorCode::RunMissing | CtlErrorCode::RunUnreadable => EXIT_TAMPERED,
-        _ => EXIT_REFUSED,
-    }
-}
-
-/// The exit status for an outcome.
-pub fn exit_code(kind: OutcomeKind) -> u8 {
-    match kind {
-        OutcomeKind::Completed => 0,
-        OutcomeKind::EscalationRequired => 10,
-        OutcomeKind::ConfirmationRequired => 11,
-        OutcomeKind::PolicyBlocked => 20,
-        OutcomeKind::PreflightFailed => 21,
-        OutcomeKind::TransportUnreachable => 22,
-        OutcomeKind::CapabilityMismatch => 23,
-        OutcomeKind::ExecutionFailed => 24,
-        OutcomeKind::PartialSuccess => 25,
-    }
-}
+use tollgate_protocol::outcome::{Outcome, PlanView, RunReport};
 
 pub fn plan(p: &PlanView) -> String {
     let mut s = String::new();

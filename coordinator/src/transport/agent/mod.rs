@@ -21,6 +21,8 @@ use tollgate_protocol::agent::{
 use tollgate_protocol::io::{read_frame, write_frame};
 use tollgate_protocol::{AGENT_ALPN, FrameError, FrameLimits, SUPPORTED};
 
+use crate::error_chain::chain;
+
 /// Why talking to an agent failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LinkError {
@@ -61,17 +63,6 @@ impl LinkError {
             }
         )
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        src = s.source();
-    }
-    text
 }
 
 /// Socket buffer the coordinator asks for on its one UDP socket. Every agent's answers arrive
