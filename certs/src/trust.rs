@@ -65,7 +65,6 @@ struct Watched {
 
 #[derive(Debug)]
 struct Inner {
-    ca_path: PathBuf,
     crl_path: PathBuf,
     roots: Arc<RootCertStore>,
     current: RwLock<Arc<Snapshot>>,
@@ -93,11 +92,9 @@ pub struct Closed {
 /// What one re-read found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reload {
-    /// Same CRL as before; open connections re-checked if `rechecked`.
-    Unchanged {
-        rechecked: bool,
-        closed: Vec<Closed>,
-    },
+    /// Same CRL as before; `closed` is non-empty only when the periodic re-check found a
+    /// peer that no longer verifies (an expired certificate or CRL).
+    Unchanged { closed: Vec<Closed> },
     /// A new CRL is in force; every open connection was re-checked.
     Changed { closed: Vec<Closed> },
 }
@@ -105,7 +102,7 @@ pub enum Reload {
 impl Reload {
     pub fn closed(&self) -> &[Closed] {
         match self {
-            Reload::Unchanged { closed, .. } | Reload::Changed { closed } => closed,
+            Reload::Unchanged { closed } | Reload::Changed { closed } => closed,
         }
     }
 }
@@ -166,7 +163,6 @@ impl TrustStore {
         let snap = snapshot(&roots, crl_path, &bytes)?;
         Ok(TrustStore {
             inner: Arc::new(Inner {
-                ca_path: ca_path.to_path_buf(),
                 crl_path: crl_path.to_path_buf(),
                 roots,
                 current: RwLock::new(Arc::new(snap)),
@@ -175,16 +171,6 @@ impl TrustStore {
                 last_recheck: Mutex::new(Instant::now()),
             }),
         })
-    }
-
-    /// The CA file this store was loaded from.
-    pub fn ca_path(&self) -> &Path {
-        &self.inner.ca_path
-    }
-
-    /// The CRL file this store re-reads.
-    pub fn crl_path(&self) -> &Path {
-        &self.inner.crl_path
     }
 
     fn current(&self) -> Arc<Snapshot> {
@@ -301,10 +287,7 @@ impl TrustStore {
             None => {
                 let due = lock(&self.inner.last_recheck).elapsed() >= RECHECK_AFTER;
                 let closed = if due { self.recheck_all() } else { Vec::new() };
-                Ok(Reload::Unchanged {
-                    rechecked: due,
-                    closed,
-                })
+                Ok(Reload::Unchanged { closed })
             }
         }
     }

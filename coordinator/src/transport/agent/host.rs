@@ -77,15 +77,10 @@ impl AgentHost {
         res
     }
 
-    /// Forgets a link that may be broken: the next request dials again.
+    /// Forgets a link that may be broken (anything but a clean refusal or a failed dial, which
+    /// left no link): the next request dials again.
     fn drop_link_after(&mut self, e: &LinkError) {
-        if matches!(
-            e,
-            LinkError::Lost(_)
-                | LinkError::Timeout(_)
-                | LinkError::Protocol(_)
-                | LinkError::VersionMismatch(_)
-        ) {
+        if !matches!(e, LinkError::Refused { .. } | LinkError::Unreachable { .. }) {
             self.link = None;
         }
     }
