@@ -10,7 +10,8 @@ use crate::facts::ProbeOutcome;
 use crate::lifecycle::{HostState, LifecycleEvent};
 use crate::outcome::TypedOutcome;
 use crate::policy::TokenEvidence;
-use crate::run::{Ctx, Out, RunEnd, RunError, probe_event, scope_of};
+use crate::run::admission::scope_of;
+use crate::run::{Ctx, Out, RunEnd, RunError, probe_event};
 use crate::timeline::{EventKind, Verdict};
 use crate::token::{self, VerifyContext};
 
