@@ -11,13 +11,17 @@ use actix::prelude::*;
 use ring::signature::Ed25519KeyPair;
 use tokio::sync::mpsc;
 use tollgate_protocol::ctl::{ProgressEvent, ProgressKind};
-use tollgate_protocol::outcome::{Outcome, ReasonCode, RunReport};
+use tollgate_protocol::outcome::RunReport;
 use tollgate_protocol::{Action, Mode};
 use uuid::Uuid;
 
-use crate::core::facts::ProbeOutcome;
+use crate::core::facts::{ProbeFailure, ProbeOutcome};
 use crate::core::lifecycle::HostState;
-use crate::core::run::{Effect, IdempotencyAnswer, Input, ProbePurpose, RunMachine, StepResult};
+use crate::core::run::replies::{self, Reply};
+use crate::core::run::{
+    CheckRequest, Dispatch, Effect, IdempotencyAnswer, Input, ProbePurpose, ProbeRequest,
+    RunMachine, StepResult, check_answer,
+};
 use crate::core::timeline::{EventKind, TimelineEvent, Verdict};
 use crate::journal::Line;
 use crate::journal::summary;
@@ -310,13 +314,7 @@ impl RunActor {
         }
     }
 
-    fn report(
-        &self,
-        outcome: Outcome,
-        reason: ReasonCode,
-        rule: Option<String>,
-        detail: String,
-    ) -> RunReport {
+    fn report(&self, reply: Reply) -> RunReport {
         RunReport {
             run_id: self.meta.run_id,
             action: self.meta.action,
@@ -326,10 +324,10 @@ impl RunActor {
                 .plan()
                 .map(|p| p.effective_mode())
                 .unwrap_or(self.meta.requested_mode),
-            outcome,
-            reason,
-            rule,
-            detail,
+            outcome: reply.outcome,
+            reason: reply.reason,
+            rule: reply.rule.map(str::to_owned),
+            detail: reply.detail,
             hosts: Vec::new(),
             artifacts: self.artifacts(),
         }
@@ -338,14 +336,7 @@ impl RunActor {
     /// The journal could not be written: nothing more may happen in this run.
     fn journal_failed(&mut self, ctx: &mut Context<Self>, error: String) {
         tracing::error!(run = %self.meta.run_id, %error, "journal write failed: stopping the run");
-        let report = self.report(
-            Outcome::PreflightFailed {
-                reason: ReasonCode::OutcomeUncertain,
-            },
-            ReasonCode::OutcomeUncertain,
-            None,
-            format!("the run journal could not be written ({error}); the run was stopped"),
-        );
+        let report = self.report(replies::journal_failed(&error));
         self.answer(report.clone());
         self.deps.notices.do_send(RunNotice::Closed {
             run_id: self.meta.run_id,
@@ -354,244 +345,223 @@ impl RunActor {
         ctx.stop();
     }
 
+    /// Performs queued effects in order until one must complete before the next (a journal
+    /// write, a nonce write, the end of the run).
     fn drain(&mut self, ctx: &mut Context<Self>) {
         while !self.busy {
             let Some(effect) = self.queue.pop_front() else {
                 return;
             };
+            if self.meta.shadow
+                && let Some(input) = replies::shadow_answer(&effect)
+            {
+                ctx.notify(Feed(input));
+                continue;
+            }
             match effect {
-                Effect::Record(first) => {
-                    // Group commit: every record now queued is written with one fsync, before
-                    // any of the effects queued after the first of them is performed.
-                    let mut batch = vec![first];
-                    let mut rest = VecDeque::with_capacity(self.queue.len());
-                    for e in self.queue.drain(..) {
-                        match e {
-                            Effect::Record(ev) => batch.push(ev),
-                            other => rest.push_back(other),
-                        }
-                    }
-                    self.queue = rest;
-                    self.busy = true;
-                    let fut = self.deps.recorder.send(Append {
-                        run_id: self.meta.run_id,
-                        events: batch.clone(),
-                    });
-                    ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
-                        act.busy = false;
-                        match res {
-                            Ok(Ok(appended)) => {
-                                act.recorded(&batch, appended);
-                                act.drain(ctx);
-                            }
-                            Ok(Err(e)) => act.journal_failed(ctx, e.to_string()),
-                            Err(e) => act.journal_failed(ctx, e.to_string()),
-                        }
-                    }));
-                    return;
-                }
-                Effect::ConsumeToken { nonce } => {
-                    self.deps.notices.do_send(RunNotice::TokenAccepted {
-                        run_id: self.meta.run_id,
-                    });
-                    self.busy = true;
-                    let fut = self.deps.nonces.send(ConsumeNonce { nonce });
-                    ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
-                        act.busy = false;
-                        match res {
-                            Ok(Ok(())) => act.drain(ctx),
-                            Ok(Err(e)) => act.journal_failed(
-                                ctx,
-                                format!("token consumption not recorded: {e}"),
-                            ),
-                            Err(e) => act.journal_failed(
-                                ctx,
-                                format!("token consumption not recorded: {e}"),
-                            ),
-                        }
-                    }));
-                    return;
+                Effect::Record(first) => return self.record(ctx, first),
+                Effect::ConsumeToken { nonce } => return self.consume_token(ctx, nonce),
+                Effect::Finish(result) => {
+                    let report = result.to_report(&self.artifacts());
+                    return self.finish(ctx, report);
                 }
                 Effect::Probe {
                     purpose,
                     requests,
                     timeout_ms,
-                } => {
-                    for r in requests {
-                        let Some(addr) = self.deps.hosts.get(&r.host).cloned() else {
-                            let outcome =
-                                ProbeOutcome::Failed(crate::core::facts::ProbeFailure::Unreachable);
-                            ctx.notify(Feed(probe_input(purpose, r.host, outcome)));
-                            continue;
-                        };
-                        let hostname = r.host.clone();
-                        let fut = addr.send(host::Probe {
-                            script: r.script,
-                            timeout_ms,
-                        });
-                        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                            let outcome = res.unwrap_or(ProbeOutcome::Failed(
-                                crate::core::facts::ProbeFailure::Unreachable,
-                            ));
-                            act.feed(ctx, probe_input(purpose, hostname, outcome));
-                        }));
-                    }
-                }
-                Effect::Check(c) => {
-                    self.check_seq += 1;
-                    let key = format!(
-                        "{}:{}:{}:check:{}",
-                        self.meta.run_id, c.host, c.step_id, self.check_seq
-                    );
-                    let (hostname, step_id) = (c.host.clone(), c.step_id.clone());
-                    if self.meta.shadow {
-                        ctx.notify(Feed(Input::CheckAnswered {
-                            host: hostname,
-                            step_id,
-                            answer: crate::core::run::CheckAnswer::NotInDesiredState,
-                        }));
-                        continue;
-                    }
-                    let Some(addr) = self.deps.hosts.get(&c.host).cloned() else {
-                        continue;
-                    };
-                    let fut = addr.send(host::Execute {
-                        step_id: c.step_id,
-                        idempotency_key: key,
-                        shell: c.shell,
-                        script: c.script,
-                        timeout_ms: c.timeout_ms,
-                        output: None,
-                    });
-                    ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                        let answer =
-                            crate::core::run::check_answer(res.unwrap_or(StepResult::OutcomeLost));
-                        act.feed(
-                            ctx,
-                            Input::CheckAnswered {
-                                host: hostname,
-                                step_id,
-                                answer,
-                            },
-                        );
-                    }));
-                }
-                Effect::Dispatch(d) => {
-                    let (hostname, step_id, key) =
-                        (d.host.clone(), d.step_id.clone(), d.idempotency_key.clone());
-                    if self.meta.shadow {
-                        ctx.notify(Feed(Input::StepAnswered {
-                            host: hostname,
-                            step_id,
-                            idempotency_key: key,
-                            result: StepResult::Succeeded,
-                        }));
-                        continue;
-                    }
-                    let Some(addr) = self.deps.hosts.get(&d.host).cloned() else {
-                        continue;
-                    };
-                    let fut = addr.send(host::Execute {
-                        step_id: d.step_id,
-                        idempotency_key: d.idempotency_key,
-                        shell: d.shell,
-                        script: d.script,
-                        timeout_ms: d.timeout_ms,
-                        output: Some(ctx.address().recipient()),
-                    });
-                    ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                        // A host actor that died mid-request may have sent it: unknown outcome.
-                        let result = res.unwrap_or(StepResult::OutcomeLost);
-                        act.feed(
-                            ctx,
-                            Input::StepAnswered {
-                                host: hostname,
-                                step_id,
-                                idempotency_key: key,
-                                result,
-                            },
-                        );
-                    }));
-                }
+                } => self.probe(ctx, purpose, requests, timeout_ms),
+                Effect::Check(c) => self.check(ctx, c),
+                Effect::Dispatch(d) => self.dispatch(ctx, d),
                 Effect::QueryIdempotency {
-                    host: hostname,
+                    host,
                     step_id,
                     idempotency_key,
-                } => {
-                    let Some(addr) = self.deps.hosts.get(&hostname).cloned() else {
-                        continue;
-                    };
-                    let fut = addr.send(host::QueryKey {
-                        key: idempotency_key.clone(),
-                    });
-                    ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                        let answer = res.unwrap_or(IdempotencyAnswer::QueryFailed);
-                        act.feed(
-                            ctx,
-                            Input::IdempotencyAnswered {
-                                host: hostname,
-                                step_id,
-                                idempotency_key,
-                                answer,
-                            },
-                        );
-                    }));
-                }
+                } => self.query(ctx, host, step_id, idempotency_key),
                 Effect::WakeAt { at_ms } => {
                     let delay = at_ms.saturating_sub(self.deps.clock.now_ms());
                     ctx.run_later(Duration::from_millis(delay), |act, ctx| {
                         act.feed(ctx, Input::Tick)
                     });
                 }
-                Effect::AwaitConfirmation {
-                    plan,
-                    operation_hash,
-                    approvals_required,
-                    approve_command,
-                    ..
-                } => {
-                    let detail = format!(
-                        "nothing destructive runs until {approvals_required} approver(s) sign this exact plan: {approve_command}"
-                    );
-                    let report = self.report(
-                        Outcome::ConfirmationRequired {
-                            run_id: self.meta.run_id,
-                            operation_hash,
-                            plan,
-                        },
-                        ReasonCode::TokenMissing,
-                        Some(crate::core::rules::R006_DESTRUCTIVE_NEEDS_CONFIRMATION.to_string()),
-                        detail,
-                    );
-                    self.deps.notices.do_send(RunNotice::Awaiting {
-                        run_id: self.meta.run_id,
-                        report: report.clone(),
-                    });
-                    self.answer(report);
-                }
-                Effect::TokenRejected {
-                    reason,
-                    rule,
-                    detail,
-                } => {
-                    let report = self.report(
-                        Outcome::PolicyBlocked {
-                            reason,
-                            rule: rule.to_string(),
-                        },
-                        reason,
-                        Some(rule.to_string()),
-                        detail,
-                    );
-                    self.answer(report);
-                }
-                Effect::Finish(result) => {
-                    let report = result.to_report(&self.artifacts());
-                    self.finish(ctx, report);
-                    return;
+                effect @ (Effect::AwaitConfirmation { .. } | Effect::TokenRejected { .. }) => {
+                    self.reply(&effect)
                 }
             }
         }
+    }
+
+    /// Answers the operator who waits on this run without ending it.
+    fn reply(&mut self, effect: &Effect) {
+        let Some(reply) = replies::reply_for(self.meta.run_id, effect) else {
+            return;
+        };
+        let report = self.report(reply);
+        if let Effect::AwaitConfirmation { .. } = effect {
+            self.deps.notices.do_send(RunNotice::Awaiting {
+                run_id: self.meta.run_id,
+                report: report.clone(),
+            });
+        }
+        self.answer(report);
+    }
+
+    /// Group commit: every record now queued is written with one fsync, before any of the
+    /// effects queued after the first of them is performed.
+    fn record(&mut self, ctx: &mut Context<Self>, first: TimelineEvent) {
+        let mut batch = vec![first];
+        let mut rest = VecDeque::with_capacity(self.queue.len());
+        for e in self.queue.drain(..) {
+            match e {
+                Effect::Record(ev) => batch.push(ev),
+                other => rest.push_back(other),
+            }
+        }
+        self.queue = rest;
+        self.busy = true;
+        let fut = self.deps.recorder.send(Append {
+            run_id: self.meta.run_id,
+            events: batch.clone(),
+        });
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
+            act.busy = false;
+            match res {
+                Ok(Ok(appended)) => {
+                    act.recorded(&batch, appended);
+                    act.drain(ctx);
+                }
+                Ok(Err(e)) => act.journal_failed(ctx, e.to_string()),
+                Err(e) => act.journal_failed(ctx, e.to_string()),
+            }
+        }));
+    }
+
+    /// A token's nonce is journaled as consumed before anything after it is performed.
+    fn consume_token(&mut self, ctx: &mut Context<Self>, nonce: String) {
+        self.deps.notices.do_send(RunNotice::TokenAccepted {
+            run_id: self.meta.run_id,
+        });
+        self.busy = true;
+        let fut = self.deps.nonces.send(ConsumeNonce { nonce });
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
+            act.busy = false;
+            let failed = match res {
+                Ok(Ok(())) => return act.drain(ctx),
+                Ok(Err(e)) => e,
+                Err(e) => e.to_string(),
+            };
+            act.journal_failed(ctx, format!("token consumption not recorded: {failed}"));
+        }));
+    }
+
+    fn probe(
+        &mut self,
+        ctx: &mut Context<Self>,
+        purpose: ProbePurpose,
+        requests: Vec<ProbeRequest>,
+        timeout_ms: u64,
+    ) {
+        for r in requests {
+            let Some(addr) = self.deps.hosts.get(&r.host).cloned() else {
+                let outcome = ProbeOutcome::Failed(ProbeFailure::Unreachable);
+                ctx.notify(Feed(probe_input(purpose, r.host, outcome)));
+                continue;
+            };
+            let hostname = r.host.clone();
+            let fut = addr.send(host::Probe {
+                script: r.script,
+                timeout_ms,
+            });
+            ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+                let outcome = res.unwrap_or(ProbeOutcome::Failed(ProbeFailure::Unreachable));
+                act.feed(ctx, probe_input(purpose, hostname, outcome));
+            }));
+        }
+    }
+
+    fn check(&mut self, ctx: &mut Context<Self>, c: CheckRequest) {
+        self.check_seq += 1;
+        let key = format!(
+            "{}:{}:{}:check:{}",
+            self.meta.run_id, c.host, c.step_id, self.check_seq
+        );
+        let Some(addr) = self.deps.hosts.get(&c.host).cloned() else {
+            return;
+        };
+        let (host, step_id) = (c.host, c.step_id);
+        let fut = addr.send(host::Execute {
+            step_id: step_id.clone(),
+            idempotency_key: key,
+            shell: c.shell,
+            script: c.script,
+            timeout_ms: c.timeout_ms,
+            output: None,
+        });
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let answer = check_answer(res.unwrap_or(StepResult::OutcomeLost));
+            act.feed(
+                ctx,
+                Input::CheckAnswered {
+                    host,
+                    step_id,
+                    answer,
+                },
+            );
+        }));
+    }
+
+    fn dispatch(&mut self, ctx: &mut Context<Self>, d: Dispatch) {
+        let Some(addr) = self.deps.hosts.get(&d.host).cloned() else {
+            return;
+        };
+        let (host, step_id, key) = (d.host, d.step_id, d.idempotency_key);
+        let fut = addr.send(host::Execute {
+            step_id: step_id.clone(),
+            idempotency_key: key.clone(),
+            shell: d.shell,
+            script: d.script,
+            timeout_ms: d.timeout_ms,
+            output: Some(ctx.address().recipient()),
+        });
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            // A host actor that died mid-request may have sent it: unknown outcome.
+            let result = res.unwrap_or(StepResult::OutcomeLost);
+            act.feed(
+                ctx,
+                Input::StepAnswered {
+                    host,
+                    step_id,
+                    idempotency_key: key,
+                    result,
+                },
+            );
+        }));
+    }
+
+    fn query(
+        &mut self,
+        ctx: &mut Context<Self>,
+        host: String,
+        step_id: String,
+        idempotency_key: String,
+    ) {
+        let Some(addr) = self.deps.hosts.get(&host).cloned() else {
+            return;
+        };
+        let fut = addr.send(host::QueryKey {
+            key: idempotency_key.clone(),
+        });
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let answer = res.unwrap_or(IdempotencyAnswer::QueryFailed);
+            act.feed(
+                ctx,
+                Input::IdempotencyAnswered {
+                    host,
+                    step_id,
+                    idempotency_key,
+                    answer,
+                },
+            );
+        }));
     }
 
     fn finish(&mut self, ctx: &mut Context<Self>, report: RunReport) {

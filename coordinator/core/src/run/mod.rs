@@ -33,6 +33,7 @@ mod ending;
 mod exec;
 mod io;
 mod preflight;
+pub mod replies;
 mod settings;
 
 use std::collections::{BTreeMap, BTreeSet};
