@@ -3,6 +3,7 @@
 //! the rule's own sentence) and the facts it was decided on.
 
 use crate::core::rules;
+use crate::core::timeline::{EventKind, Verdict};
 use crate::journal::Line;
 
 fn when(ms: u64) -> String {
@@ -58,10 +59,10 @@ pub fn sentences(lines: &[Line]) -> Vec<String> {
             .as_ref()
             .map(|r| format!(", reason {r}"))
             .unwrap_or_default();
-        let decision = l.decision.as_deref().unwrap_or("");
+        let d = l.decision.as_deref().unwrap_or("");
         let destructive = l.inputs.get("destructive").is_some_and(|d| d == "true");
-        let sentence = match (l.kind.as_str(), decision) {
-            ("run_started", _) => Some(format!(
+        let sentence = match (l.event_kind(), l.verdict()) {
+            (Some(EventKind::RunStarted), _) => Some(format!(
                 "{} {} {} run requested by {} for {}.",
                 when(l.at_ms),
                 l.inputs
@@ -72,56 +73,56 @@ pub fn sentences(lines: &[Line]) -> Vec<String> {
                 l.inputs.get("requestor").map(String::as_str).unwrap_or("?"),
                 l.inputs.get("targets").map(String::as_str).unwrap_or("?"),
             )),
-            ("step_dispatched", _) if destructive => Some(format!(
+            (Some(EventKind::StepDispatched), _) if destructive => Some(format!(
                 "{} DESTRUCTIVE step {} was dispatched{}{reason}.{}",
                 when(l.at_ms),
                 subject(l),
                 rule_text(l),
                 inputs(l, &["destructive"])
             )),
-            (_, "block") => Some(format!(
+            (_, Some(Verdict::Block)) => Some(format!(
                 "{} BLOCKED {}{}{reason}.{}",
                 when(l.at_ms),
                 subject(l),
                 rule_text(l),
                 inputs(l, &[])
             )),
-            (_, "escalate") => Some(format!(
+            (_, Some(Verdict::Escalate)) => Some(format!(
                 "{} ESCALATION required for {}{}{reason}.{}",
                 when(l.at_ms),
                 subject(l),
                 rule_text(l),
                 inputs(l, &[])
             )),
-            (_, "await_confirmation") => Some(format!(
+            (_, Some(Verdict::AwaitConfirmation)) => Some(format!(
                 "{} waiting for approval of {}{}{reason}.{}",
                 when(l.at_ms),
                 subject(l),
                 rule_text(l),
                 inputs(l, &[])
             )),
-            ("token_judged", d) => Some(format!(
+            (Some(EventKind::TokenJudged), _) => Some(format!(
                 "{} token {d} for {}{}{reason}.{}",
                 when(l.at_ms),
                 subject(l),
                 rule_text(l),
                 inputs(l, &["nonce"])
             )),
-            ("barrier_evaluated", d) => Some(format!(
+            (Some(EventKind::BarrierEvaluated), _) => Some(format!(
                 "{} barrier {d} for {}{}{reason}.{}",
                 when(l.at_ms),
                 subject(l),
                 rule_text(l),
                 inputs(l, &[])
             )),
-            (_, "fail") => Some(format!(
+            (_, Some(Verdict::Fail)) => Some(format!(
                 "{} FAILED {}{}{reason}.{}",
                 when(l.at_ms),
                 subject(l),
                 rule_text(l),
                 inputs(l, &[])
             )),
-            ("run_finished", d) => Some(format!(
+            (Some(EventKind::RunFinished), _) => Some(format!(
                 "{} run finished ({d}){}{reason}.{}",
                 when(l.at_ms),
                 rule_text(l),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use tollgate_protocol::outcome::ReasonCode;
 
 use super::lifecycle::LifecycleEvent;
-use super::outcome::TypedOutcome;
+use super::outcome::{Capability, TypedOutcome};
 
 /// A fingerprint is the lowercase hex SHA-256 of a host's non-volatile facts (64 characters;
 /// see `tollgate_protocol::agent::fingerprint`). Anything else counts as missing. That a
@@ -94,10 +94,10 @@ impl ProbeFailure {
                 }
             }
             ProbeFailure::VersionMismatch => TypedOutcome::CapabilityMismatch {
-                capability: "protocol-version".to_owned(),
+                capability: Capability::ProtocolVersion,
             },
             ProbeFailure::ShellUnavailable => TypedOutcome::CapabilityMismatch {
-                capability: "shell".to_owned(),
+                capability: Capability::Shell,
             },
             _ => TypedOutcome::PreflightFailed {
                 reason: self.reason(),

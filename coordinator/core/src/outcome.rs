@@ -9,6 +9,33 @@ use uuid::Uuid;
 use super::lifecycle::HostState;
 use super::rules::RuleId;
 
+/// What a host can lack that a plan needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Capability {
+    /// No protocol version both sides speak.
+    ProtocolVersion,
+    /// The step's shell is absent or not allowed on the host.
+    Shell,
+}
+
+impl Capability {
+    /// The name reports and journals carry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::ProtocolVersion => "protocol-version",
+            Capability::Shell => "shell",
+        }
+    }
+
+    /// The reason code that goes with lacking it.
+    pub fn reason(self) -> ReasonCode {
+        match self {
+            Capability::ProtocolVersion => ReasonCode::VersionMismatch,
+            Capability::Shell => ReasonCode::ShellUnavailable,
+        }
+    }
+}
+
 /// How a run or a host ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TypedOutcome {
@@ -47,8 +74,8 @@ pub enum TypedOutcome {
     },
     /// The host lacks something the plan needs.
     CapabilityMismatch {
-        /// What is missing (`shell`, `protocol-version`).
-        capability: String,
+        /// What is missing.
+        capability: Capability,
     },
     /// A step failed, or its outcome could not be established.
     ExecutionFailed {
@@ -86,13 +113,7 @@ impl TypedOutcome {
             | TypedOutcome::TransportUnreachable { reason }
             | TypedOutcome::ExecutionFailed { reason, .. } => *reason,
             TypedOutcome::EscalationRequired { .. } => ReasonCode::QuickModeNonDestructive,
-            TypedOutcome::CapabilityMismatch { capability } => {
-                if capability == "protocol-version" {
-                    ReasonCode::VersionMismatch
-                } else {
-                    ReasonCode::ShellUnavailable
-                }
-            }
+            TypedOutcome::CapabilityMismatch { capability } => capability.reason(),
         }
     }
 
@@ -130,7 +151,7 @@ impl TypedOutcome {
                 Outcome::TransportUnreachable { reason: *reason }
             }
             TypedOutcome::CapabilityMismatch { capability } => Outcome::CapabilityMismatch {
-                capability: capability.clone(),
+                capability: capability.as_str().to_owned(),
             },
             TypedOutcome::ExecutionFailed {
                 step_id,
@@ -244,7 +265,10 @@ mod tests {
                 reason: ReasonCode::Unreachable,
             },
             TypedOutcome::CapabilityMismatch {
-                capability: "shell".into(),
+                capability: Capability::Shell,
+            },
+            TypedOutcome::CapabilityMismatch {
+                capability: Capability::ProtocolVersion,
             },
             TypedOutcome::ExecutionFailed {
                 step_id: "s".into(),

@@ -166,6 +166,24 @@ impl Verdict {
             Verdict::Complete => "complete",
         }
     }
+
+    /// Every verdict.
+    pub const ALL: [Verdict; 9] = [
+        Verdict::Allow,
+        Verdict::Block,
+        Verdict::Escalate,
+        Verdict::AwaitConfirmation,
+        Verdict::Retry,
+        Verdict::Skip,
+        Verdict::Query,
+        Verdict::Fail,
+        Verdict::Complete,
+    ];
+
+    /// The verdict a journal name stands for.
+    pub fn parse(name: &str) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.as_str() == name)
+    }
 }
 
 /// One timeline entry (sequence number and hash chain are added by the recorder).

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::core::timeline::TimelineEvent;
+use crate::core::timeline::{EventKind, TimelineEvent, Verdict};
 
 /// One journal line as written. Field order is the serialization order, which the hash covers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +26,18 @@ pub struct Line {
     pub prev: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hash: String,
+}
+
+impl Line {
+    /// The event kind this line records, if its name is one this build knows.
+    pub fn event_kind(&self) -> Option<EventKind> {
+        EventKind::parse(&self.kind)
+    }
+
+    /// The decision this line records, if it records one this build knows.
+    pub fn verdict(&self) -> Option<Verdict> {
+        self.decision.as_deref().and_then(Verdict::parse)
+    }
 }
 
 /// The `prev` of a run's first line: binds the chain to its run, so lines cannot be moved

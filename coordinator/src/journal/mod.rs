@@ -130,8 +130,8 @@ pub fn verify_run_bytes(
 /// where the wire form of a line becomes the core's plain data.
 pub fn ledger_fact(line: &Line) -> crate::core::ledger::JournalFact {
     crate::core::ledger::fact_of(
-        crate::core::timeline::EventKind::parse(&line.kind),
-        line.decision.as_deref() == Some("allow"),
+        line.event_kind(),
+        line.verdict() == Some(crate::core::timeline::Verdict::Allow),
         &line.inputs,
         line.at_ms,
     )

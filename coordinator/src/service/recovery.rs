@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::core::closed::{OpenRun, StepFact, close_after_restart, in_flight};
 use crate::core::ledger::{Known, OnRestart, RunRecord, Stage, on_restart};
+use crate::core::timeline::EventKind;
 use crate::journal::chain::{Line, parse_line};
 use crate::journal::summary;
 use crate::journal::{Journal, QUARANTINE_FILE, ledger_fact, verify_signed};
@@ -43,8 +44,13 @@ pub fn report_from_journal(
     lines: &[Line],
     artifacts: &Path,
 ) -> RunReport {
-    let started = lines.iter().find(|l| l.kind == "run_started");
-    let finished = lines.iter().rev().find(|l| l.kind == "run_finished");
+    let started = lines
+        .iter()
+        .find(|l| l.event_kind() == Some(EventKind::RunStarted));
+    let finished = lines
+        .iter()
+        .rev()
+        .find(|l| l.event_kind() == Some(EventKind::RunFinished));
     let input = |l: Option<&Line>, k: &str| l.and_then(|l| l.inputs.get(k)).cloned();
     let kind: Option<OutcomeKind> = input(finished, "outcome")
         .and_then(|o| serde_json::from_value(serde_json::Value::String(o)).ok());
@@ -83,7 +89,7 @@ pub fn report_from_journal(
     let effective_mode = lines
         .iter()
         .rev()
-        .find(|l| l.kind == "plan_sealed")
+        .find(|l| l.event_kind() == Some(EventKind::PlanSealed))
         .map(|l| mode_of(l.inputs.get("effective_mode")))
         .unwrap_or(requested_mode);
     RunReport {
@@ -200,7 +206,10 @@ fn quarantine(path: &Path, dir: &Path, tail: &[&[u8]], keep: usize) -> std::io::
 /// What the journal of an open run says, for the safety core. The targets are those of the
 /// run's last `run_started` (a continuation names the escalation's hosts).
 fn open_run(run_id: Uuid, record: &RunRecord, lines: &[Line], all_hosts: &[String]) -> OpenRun {
-    let started = lines.iter().rev().find(|l| l.kind == "run_started");
+    let started = lines
+        .iter()
+        .rev()
+        .find(|l| l.event_kind() == Some(EventKind::RunStarted));
     let requested_mode = mode_of(started.and_then(|l| l.inputs.get("requested_mode")));
     let targets = match started
         .and_then(|l| l.inputs.get("targets"))
