@@ -15,8 +15,9 @@ use tollgate_protocol::ctl::{CtlRequest, CtlResponse, OperationIntent, ProgressE
 use tollgate_protocol::{Action, Mode};
 use uuid::Uuid;
 
-mod demo;
-mod serve;
+mod cli;
+
+use cli::{demo, serve};
 
 #[derive(Parser, Debug)]
 #[command(
