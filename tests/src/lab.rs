@@ -363,8 +363,8 @@ impl Lab {
     }
 
     /// The begun/completed markers of every agent host, to compare before and after an act.
-    pub fn markers(&self) -> crate::netns::Markers {
-        crate::netns::Markers::read(
+    pub fn markers(&self) -> crate::evidence::Markers {
+        crate::evidence::Markers::read(
             self.agents
                 .keys()
                 .map(|h| (h.clone(), self.home(h)))

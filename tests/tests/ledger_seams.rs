@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tollgate_tests::lab::{CliOut, DEFAULT_HOSTS, Lab};
-use tollgate_tests::netns::{self, Rng};
+use tollgate_tests::seeds::{self, Rng};
 
 /// Bound for anything the test waits on (never a synchronisation sleep).
 const WAIT: Duration = Duration::from_secs(60);
@@ -43,7 +43,7 @@ const CLOSED_STATES: &[&str] = &[
 /// The seed: `TOLLGATE_FAULT_SEED` if set (as the fault suites do), else fresh; printed with
 /// the command that replays it.
 fn seed(test: &str) -> u64 {
-    netns::seed_for("--test ledger_seams", test)
+    seeds::seed_for("--test ledger_seams", test)
 }
 
 /// `who` approves `run`'s plan `hash`.

@@ -37,10 +37,3 @@ pub use fabric::{AGENT_PORT, COORDINATOR_IP, COORDINATOR_PORT, Fabric, Member, s
 pub use lab::{NetLab, NetLabOptions, quiesce};
 pub use process::{NetAgent, NetServe};
 pub use relay::{Relay, RelayMode, UdpBinder};
-
-// Moved out of netns (they are not namespace-specific); re-exported until the callers move.
-pub use crate::evidence::{JournalFacts, Markers, journal_facts, validate_summaries_in};
-pub use crate::invariants::{Fleet, TYPED_OUTCOMES, Tally, check_run, check_settled, is_typed};
-pub use crate::operations::{DESTRUCTIVE, STEPS, operations};
-pub use crate::results::Row;
-pub use crate::seeds::{Rng, scenario_seed, seed_for};
