@@ -7,10 +7,23 @@ use anyhow::Context;
 
 use crate::operations::{DESTRUCTIVE, STEPS};
 
-pub(crate) fn count_lines(p: &Path) -> usize {
+/// Lines in a file, 0 if it does not exist: a marker file holds one per execution that reached
+/// it. The one marker counter; everything that counts markers calls it.
+pub fn count_lines(p: &Path) -> usize {
     std::fs::read_to_string(p)
         .map(|s| s.lines().count())
         .unwrap_or(0)
+}
+
+/// Executions of `step` that finished on the host whose home is `home` (`markers/STEP`).
+pub fn finished(home: &Path, step: &str) -> usize {
+    count_lines(&home.join("markers").join(step))
+}
+
+/// Executions of `step` that began on the host whose home is `home` (`markers/STEP.begun`;
+/// only the gated operations write these).
+pub fn begun(home: &Path, step: &str) -> usize {
+    count_lines(&home.join("markers").join(format!("{step}.begun")))
 }
 
 /// Validates every `summary.json` under `runs_dir`; returns how many were checked.
@@ -48,9 +61,7 @@ impl Markers {
         let mut m = BTreeMap::new();
         for (host, home) in homes {
             for step in STEPS {
-                let dir = home.join("markers");
-                let began = count_lines(&dir.join(format!("{step}.begun")));
-                let done = count_lines(&dir.join(step));
+                let (began, done) = (begun(&home, step), finished(&home, step));
                 m.insert((host.clone(), step.to_string()), (began, done));
             }
         }

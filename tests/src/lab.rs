@@ -357,9 +357,7 @@ impl Lab {
 
     /// How many times `step` ran on `host`.
     pub fn ran(&self, host: &str, step: &str) -> usize {
-        std::fs::read_to_string(self.home(host).join("markers").join(step))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
+        crate::evidence::finished(&self.home(host), step)
     }
 
     /// The begun/completed markers of every agent host, to compare before and after an act.

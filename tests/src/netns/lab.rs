@@ -14,7 +14,7 @@ use tollgate_coordinator::lab::{self, LabHost};
 use super::fabric::{COORDINATOR_IP, COORDINATOR_PORT, Fabric, pids_in};
 use super::process::{NetAgent, NetServe, spawn_in};
 use super::relay::{Relay, RelayMode, UdpBinder};
-use crate::evidence::{Markers, count_lines, validate_summaries_in};
+use crate::evidence::{self, Markers, validate_summaries_in};
 use crate::fleet::{FLEET, TestPki};
 use crate::invariants::Fleet;
 use crate::lab::CliOut;
@@ -249,17 +249,12 @@ impl NetLab {
 
     /// Completed executions of `step` on `host` (`markers/STEP`).
     pub fn ran(&self, host: &str, step: &str) -> usize {
-        count_lines(&self.home(host).join("markers").join(step))
+        evidence::finished(&self.home(host), step)
     }
 
     /// Executions of `step` on `host` that began (`markers/STEP.begun`).
     pub fn begun(&self, host: &str, step: &str) -> usize {
-        count_lines(
-            &self
-                .home(host)
-                .join("markers")
-                .join(format!("{step}.begun")),
-        )
+        evidence::begun(&self.home(host), step)
     }
 
     pub fn markers(&self) -> Markers {
