@@ -18,70 +18,6 @@ use tollgate_coordinator::lab::{self, LabHost};
 
 use crate::fleet::{AgentOptions, AgentProcess, FLEET, START_LIMIT, TestPki};
 
-/// The lab's operations. `H` is the host's home; `slow` makes a step wait (and say so) so a
-/// test can act while it runs.
-pub fn operations() -> String {
-    let h = r#"H=\"$TOLLGATE_AGENT_STATE/..\"; mkdir -p \"$H/markers\""#;
-    let slow = |name: &str| {
-        format!(
-            r#"if [ -f \"$H/slow-{name}\" ]; then echo started > \"$H/started-{name}\"; sleep 60; fi"#
-        )
-    };
-    format!(
-        r#"[[deploy.phases]]
-name = "prepare"
-[[deploy.phases.steps]]
-id = "prepare"
-roles = ["web", "db"]
-shell = "sh"
-run = "{h}; {slow_prepare}; echo x >> \"$H/markers/prepare\""
-destructive = false
-timeout = "90s"
-
-[[deploy.phases]]
-name = "install"
-[[deploy.phases.steps]]
-id = "install"
-roles = ["web", "db"]
-shell = "sh"
-run = "{h}; echo x >> \"$H/markers/install\""
-destructive = false
-timeout = "90s"
-
-[[teardown.phases]]
-name = "drain"
-[[teardown.phases.steps]]
-id = "drain"
-roles = ["web", "db"]
-shell = "sh"
-run = "{h}; {slow_drain}; echo x >> \"$H/markers/drain\""
-destructive = false
-timeout = "90s"
-
-[[teardown.phases]]
-name = "remove"
-[[teardown.phases.steps]]
-id = "remove"
-roles = ["web", "db"]
-shell = "sh"
-run = "{h}; {slow_remove}; echo x >> \"$H/markers/remove\""
-destructive = true
-timeout = "90s"
-
-[probes.web]
-shell = "sh"
-run = "cat \"$TOLLGATE_AGENT_STATE/../facts.json\""
-
-[probes.db]
-shell = "sh"
-run = "cat \"$TOLLGATE_AGENT_STATE/../facts.json\""
-"#,
-        slow_prepare = slow("prepare"),
-        slow_drain = slow("drain"),
-        slow_remove = slow("remove"),
-    )
-}
-
 /// A running `tollgate serve`.
 #[derive(Debug)]
 pub struct ServeProcess {
@@ -220,7 +156,7 @@ pub const DEFAULT_HOSTS: &[(&str, &str, &str)] = &[
 
 impl Lab {
     pub async fn start(hosts: &[(&str, &str, &str)]) -> anyhow::Result<Lab> {
-        Self::start_with(hosts, &operations(), "", Vec::new()).await
+        Self::start_with(hosts, &crate::operations::story(), "", Vec::new()).await
     }
 
     pub async fn start_with(

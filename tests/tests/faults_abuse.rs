@@ -23,7 +23,7 @@ use tollgate_tests::operations;
 use tollgate_tests::seeds::{self, Rng};
 
 async fn lab_with(extra: &str, env: Vec<(&'static str, String)>) -> Lab {
-    Lab::start_with(DEFAULT_HOSTS, &operations::operations(), extra, env)
+    Lab::start_with(DEFAULT_HOSTS, &operations::gated(), extra, env)
         .await
         .unwrap()
 }

@@ -23,7 +23,7 @@ async fn open_run_timeline_truncated_at_a_line_end() {
     let name = "open_run_timeline_truncated_at_a_line_end";
     let seed = seeds::scenario_seed(name);
     let mut rng = Rng::new(seed);
-    let lab = Lab::start_with(DEFAULT_HOSTS, &operations::operations(), "", Vec::new())
+    let lab = Lab::start_with(DEFAULT_HOSTS, &operations::gated(), "", Vec::new())
         .await
         .unwrap();
     let mut t = Tally::default();

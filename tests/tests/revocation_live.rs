@@ -54,7 +54,7 @@ fn pids(lab: &Lab) -> Vec<Option<u32>> {
 async fn revocation_takes_effect_without_a_restart() {
     let mut lab = Lab::start_with(
         DEFAULT_HOSTS,
-        &operations::operations(),
+        &operations::gated(),
         "",
         vec![("TOLLGATE_LOG", "tollgate_certs=info,warn".into())],
     )

@@ -18,7 +18,6 @@ use crate::evidence::{self, Markers, validate_summaries_in};
 use crate::fleet::{FLEET, TestPki};
 use crate::invariants::Fleet;
 use crate::lab::CliOut;
-use crate::operations::operations;
 
 /// Options of a [`NetLab`].
 #[derive(Debug, Clone)]
@@ -110,7 +109,7 @@ impl NetLab {
             root.join("coordinator.toml"),
         );
         std::fs::write(&inventory, lab::inventory_toml(FLEET, &lab_hosts))?;
-        std::fs::write(&ops, operations())?;
+        std::fs::write(&ops, crate::operations::gated())?;
         std::fs::write(
             &config,
             lab::coordinator_toml(
