@@ -26,9 +26,18 @@ pub fn begun(home: &Path, step: &str) -> usize {
     count_lines(&home.join("markers").join(format!("{step}.begun")))
 }
 
-/// Validates every `summary.json` under `runs_dir`; returns how many were checked.
+/// The published schema of `summary.json`.
+pub fn summary_schema() -> anyhow::Result<jsonschema::Validator> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../coordinator/schema/summary.schema.json");
+    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    jsonschema::validator_for(&schema).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Validates every `summary.json` under `runs_dir` against [`summary_schema`]; returns how many
+/// were checked.
 pub fn validate_summaries_in(runs_dir: &Path) -> anyhow::Result<usize> {
-    let validator = crate::lab::summary_schema()?;
+    let validator = summary_schema()?;
     let mut n = 0;
     for entry in std::fs::read_dir(runs_dir)? {
         let path = entry?.path().join("summary.json");

@@ -398,38 +398,10 @@ impl Lab {
     }
 }
 
-/// The published schema of `summary.json`.
-pub fn summary_schema() -> anyhow::Result<jsonschema::Validator> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../coordinator/schema/summary.schema.json");
-    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    jsonschema::validator_for(&schema).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
 impl Lab {
     /// Validates every `summary.json` under the runs directory against the published schema.
     /// Returns how many were checked.
     pub fn validate_summaries(&self) -> anyhow::Result<usize> {
-        let validator = summary_schema()?;
-        let mut n = 0;
-        for entry in std::fs::read_dir(self.runs_dir())? {
-            let path = entry?.path().join("summary.json");
-            if !path.exists() {
-                continue;
-            }
-            let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-            let errors: Vec<String> = validator
-                .iter_errors(&doc)
-                .map(|e| format!("{} at {}", e, e.instance_path()))
-                .collect();
-            anyhow::ensure!(
-                errors.is_empty(),
-                "{} does not match the schema: {}",
-                path.display(),
-                errors.join("; ")
-            );
-            n += 1;
-        }
-        Ok(n)
+        crate::evidence::validate_summaries_in(&self.runs_dir())
     }
 }
