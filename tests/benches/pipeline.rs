@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
+use tollgate_tests::evidence::count_lines;
 use tollgate_tests::lab::{CliOut, Lab};
 
 const STEPS: usize = 20;
@@ -85,10 +86,6 @@ fn executions(timeline: &Path, from: usize) -> BTreeMap<String, (usize, usize)> 
         }
     }
     per_host
-}
-
-fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
 }
 
 /// What `agent/src/exec.rs` does to run one script, without the agent around it: write the
@@ -164,7 +161,7 @@ impl Series {
         timeline_before: Option<PathBuf>,
         run: F,
     ) {
-        let from = timeline_before.as_deref().map_or(0, lines);
+        let from = timeline_before.as_deref().map_or(0, count_lines);
         let t = Instant::now();
         let out = run.await;
         self.w.push(ms(t));

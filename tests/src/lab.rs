@@ -18,70 +18,6 @@ use tollgate_coordinator::lab::{self, LabHost};
 
 use crate::fleet::{AgentOptions, AgentProcess, FLEET, START_LIMIT, TestPki};
 
-/// The lab's operations. `H` is the host's home; `slow` makes a step wait (and say so) so a
-/// test can act while it runs.
-pub fn operations() -> String {
-    let h = r#"H=\"$TOLLGATE_AGENT_STATE/..\"; mkdir -p \"$H/markers\""#;
-    let slow = |name: &str| {
-        format!(
-            r#"if [ -f \"$H/slow-{name}\" ]; then echo started > \"$H/started-{name}\"; sleep 60; fi"#
-        )
-    };
-    format!(
-        r#"[[deploy.phases]]
-name = "prepare"
-[[deploy.phases.steps]]
-id = "prepare"
-roles = ["web", "db"]
-shell = "sh"
-run = "{h}; {slow_prepare}; echo x >> \"$H/markers/prepare\""
-destructive = false
-timeout = "90s"
-
-[[deploy.phases]]
-name = "install"
-[[deploy.phases.steps]]
-id = "install"
-roles = ["web", "db"]
-shell = "sh"
-run = "{h}; echo x >> \"$H/markers/install\""
-destructive = false
-timeout = "90s"
-
-[[teardown.phases]]
-name = "drain"
-[[teardown.phases.steps]]
-id = "drain"
-roles = ["web", "db"]
-shell = "sh"
-run = "{h}; {slow_drain}; echo x >> \"$H/markers/drain\""
-destructive = false
-timeout = "90s"
-
-[[teardown.phases]]
-name = "remove"
-[[teardown.phases.steps]]
-id = "remove"
-roles = ["web", "db"]
-shell = "sh"
-run = "{h}; {slow_remove}; echo x >> \"$H/markers/remove\""
-destructive = true
-timeout = "90s"
-
-[probes.web]
-shell = "sh"
-run = "cat \"$TOLLGATE_AGENT_STATE/../facts.json\""
-
-[probes.db]
-shell = "sh"
-run = "cat \"$TOLLGATE_AGENT_STATE/../facts.json\""
-"#,
-        slow_prepare = slow("prepare"),
-        slow_drain = slow("drain"),
-        slow_remove = slow("remove"),
-    )
-}
-
 /// A running `tollgate serve`.
 #[derive(Debug)]
 pub struct ServeProcess {
@@ -220,7 +156,7 @@ pub const DEFAULT_HOSTS: &[(&str, &str, &str)] = &[
 
 impl Lab {
     pub async fn start(hosts: &[(&str, &str, &str)]) -> anyhow::Result<Lab> {
-        Self::start_with(hosts, &operations(), "", Vec::new()).await
+        Self::start_with(hosts, &crate::operations::story(), "", Vec::new()).await
     }
 
     pub async fn start_with(
@@ -357,14 +293,12 @@ impl Lab {
 
     /// How many times `step` ran on `host`.
     pub fn ran(&self, host: &str, step: &str) -> usize {
-        std::fs::read_to_string(self.home(host).join("markers").join(step))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
+        crate::evidence::finished(&self.home(host), step)
     }
 
     /// The begun/completed markers of every agent host, to compare before and after an act.
-    pub fn markers(&self) -> crate::netns::Markers {
-        crate::netns::Markers::read(
+    pub fn markers(&self) -> crate::evidence::Markers {
+        crate::evidence::Markers::read(
             self.agents
                 .keys()
                 .map(|h| (h.clone(), self.home(h)))
@@ -464,38 +398,10 @@ impl Lab {
     }
 }
 
-/// The published schema of `summary.json`.
-pub fn summary_schema() -> anyhow::Result<jsonschema::Validator> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../coordinator/schema/summary.schema.json");
-    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    jsonschema::validator_for(&schema).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
 impl Lab {
     /// Validates every `summary.json` under the runs directory against the published schema.
     /// Returns how many were checked.
     pub fn validate_summaries(&self) -> anyhow::Result<usize> {
-        let validator = summary_schema()?;
-        let mut n = 0;
-        for entry in std::fs::read_dir(self.runs_dir())? {
-            let path = entry?.path().join("summary.json");
-            if !path.exists() {
-                continue;
-            }
-            let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-            let errors: Vec<String> = validator
-                .iter_errors(&doc)
-                .map(|e| format!("{} at {}", e, e.instance_path()))
-                .collect();
-            anyhow::ensure!(
-                errors.is_empty(),
-                "{} does not match the schema: {}",
-                path.display(),
-                errors.join("; ")
-            );
-            n += 1;
-        }
-        Ok(n)
+        crate::evidence::validate_summaries_in(&self.runs_dir())
     }
 }

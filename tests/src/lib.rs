@@ -3,7 +3,12 @@
 //! chunk streamed, a process exiting) with timeouts, never on sleeps.
 
 pub mod bins;
+pub mod evidence;
 pub mod fleet;
+pub mod invariants;
 pub mod lab;
 pub mod netns;
+pub mod operations;
 pub mod proc;
+pub mod results;
+pub mod seeds;

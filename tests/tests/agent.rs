@@ -12,6 +12,7 @@ use tollgate_protocol::agent::{
     AgentErrorCode, ExecResult, ExecStatus, ExecuteRequest, IdempotencyStatus, OutputChunk,
     ProbeRequest, Script, Stream,
 };
+use tollgate_tests::evidence::count_lines;
 use tollgate_tests::fleet::{AgentOptions, AgentProcess, TestPki};
 use tollgate_tests::proc::{alive, eventually};
 
@@ -64,12 +65,6 @@ async fn wait_for_output(rx: &mut mpsc::UnboundedReceiver<OutputChunk>, needle: 
     })
     .await;
     assert_eq!(found, Ok(true), "output {needle:?} never came");
-}
-
-fn lines(path: &std::path::Path) -> usize {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +188,7 @@ async fn same_key_runs_once_across_repeats_and_restarts() {
     let (second, _) = run(&link, req.clone()).await;
     assert!(second.replayed, "second send is answered from the store");
     assert_eq!(second.status, first.status);
-    assert_eq!(lines(&file), 1);
+    assert_eq!(count_lines(&file), 1);
 
     // Graceful restart.
     assert!(agent.terminate().await.unwrap().success());
@@ -201,7 +196,11 @@ async fn same_key_runs_once_across_repeats_and_restarts() {
     let link = agent.connect(&connector).await.unwrap();
     let (third, _) = run(&link, req.clone()).await;
     assert!(third.replayed);
-    assert_eq!(lines(&file), 1, "a restart does not make the agent forget");
+    assert_eq!(
+        count_lines(&file),
+        1,
+        "a restart does not make the agent forget"
+    );
     assert!(
         matches!(link.query("append-1").await.unwrap(), IdempotencyStatus::Finished(r) if r.status == first.status)
     );
@@ -261,7 +260,7 @@ async fn key_left_started_by_a_killed_agent_is_uncertain_and_never_rerun() {
     let (r, _) = run(&link, req).await;
     assert!(matches!(r.status, ExecStatus::Uncertain { .. }), "{r:?}");
     assert!(r.replayed);
-    assert_eq!(lines(&file), 1, "an uncertain key is never run again");
+    assert_eq!(count_lines(&file), 1, "an uncertain key is never run again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

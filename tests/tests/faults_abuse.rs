@@ -5,9 +5,10 @@
 //! real `tollgate serve`, the CLI) and need no root. Choices (hosts, bits, lines, times) come from
 //! a printed seed; `TOLLGATE_FAULT_SEED` replays them.
 //!
-//! The invariants are the namespace suite's (`tollgate_tests::netns::{check_run, check_settled}`):
-//! a refused token starts nothing at all; no step begins twice; every answer is typed; `runs
-//! verify` passes on every untampered run and fails, naming a line, on every tampered one.
+//! The invariants are the namespace suite's (`tollgate_tests::invariants::{check_run,
+//! check_settled}`): a refused token starts nothing at all; no step begins twice; every answer is
+//! typed; `runs verify` passes on every untampered run and fails, naming a line, on every
+//! tampered one.
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -16,11 +17,13 @@ use std::collections::BTreeMap;
 use tollgate_certs::pki::RevokeTarget;
 use tollgate_certs::{Role, SpiffeId};
 use tollgate_tests::fleet::FLEET;
+use tollgate_tests::invariants::{Tally, check_run, check_settled, is_typed};
 use tollgate_tests::lab::{CliOut, DEFAULT_HOSTS, Lab};
-use tollgate_tests::netns::{self, Rng, Tally, check_run, check_settled, is_typed};
+use tollgate_tests::operations;
+use tollgate_tests::seeds::{self, Rng};
 
 async fn lab_with(extra: &str, env: Vec<(&'static str, String)>) -> Lab {
-    Lab::start_with(DEFAULT_HOSTS, &netns::operations(), extra, env)
+    Lab::start_with(DEFAULT_HOSTS, &operations::gated(), extra, env)
         .await
         .unwrap()
 }
@@ -116,7 +119,7 @@ fn ok(out: &CliOut) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_replayed() {
     let name = "token_replayed";
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let mut rng = Rng::new(seed);
     let mut lab = lab().await;
     let mut t = Tally::default();
@@ -148,7 +151,7 @@ async fn token_replayed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_with_one_bit_flipped() {
     let name = "token_with_one_bit_flipped";
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let mut rng = Rng::new(seed);
     let lab = lab().await;
     let mut t = Tally::default();
@@ -184,7 +187,7 @@ async fn token_with_one_bit_flipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_for_another_operation_hash() {
     let name = "token_for_another_operation_hash";
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let mut rng = Rng::new(seed);
     let lab = lab().await;
     let mut t = Tally::default();
@@ -236,7 +239,7 @@ async fn token_for_another_operation_hash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_expired() {
     let name = "token_expired";
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let clock = dir.path().join("clock-offset-ms");
@@ -276,7 +279,7 @@ async fn token_expired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approval_without_the_approver_role() {
     let name = "approval_without_the_approver_role";
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let mut rng = Rng::new(seed);
     // erin: the lab's operator certificate without the approver role.
     let lab = lab().await;
@@ -364,7 +367,7 @@ async fn approval_without_the_approver_role() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_certificates() {
     let name = "revoked_certificates";
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let mut rng = Rng::new(seed);
     let mut lab = lab().await;
     let mut t = Tally::default();
@@ -529,7 +532,7 @@ fn tamper(rng: &mut Rng, how: Tamper, good: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeline_tampering() {
     let name = "timeline_tampering";
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let mut rng = Rng::new(seed);
     let lab = lab().await;
     let mut t = Tally::default();

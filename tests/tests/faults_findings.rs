@@ -4,8 +4,10 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use tollgate_tests::invariants::{Tally, check_settled};
 use tollgate_tests::lab::{DEFAULT_HOSTS, Lab};
-use tollgate_tests::netns::{self, Rng, Tally, check_settled};
+use tollgate_tests::operations;
+use tollgate_tests::seeds::{self, Rng};
 
 /// A run still open (awaiting its token) has no signed summary yet, so nothing anchors the end of
 /// its timeline: `runs verify` checks the chain alone, and a clean prefix is a valid chain. The
@@ -19,9 +21,9 @@ use tollgate_tests::netns::{self, Rng, Tally, check_settled};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_run_timeline_truncated_at_a_line_end() {
     let name = "open_run_timeline_truncated_at_a_line_end";
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let mut rng = Rng::new(seed);
-    let lab = Lab::start_with(DEFAULT_HOSTS, &netns::operations(), "", Vec::new())
+    let lab = Lab::start_with(DEFAULT_HOSTS, &operations::gated(), "", Vec::new())
         .await
         .unwrap();
     let mut t = Tally::default();

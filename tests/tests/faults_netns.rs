@@ -3,11 +3,11 @@
 //! cut, delayed and healed, agents and the coordinator are SIGKILLed and restarted, at times drawn
 //! from a printed seed (`TOLLGATE_FAULT_SEED` replays it).
 //!
-//! Every scenario checks the same invariants (`netns::check_run`, `netns::check_settled`): no
-//! destructive step began on a host whose fresh re-probe failed or whose token was not valid, and
-//! none without a token, a matching barrier re-probe and a barrier allow in its journal; no step
-//! began twice in a run; every run ends typed; `runs verify` passes on every run; every summary
-//! matches its schema.
+//! Every scenario checks the same invariants (`invariants::check_run`,
+//! `invariants::check_settled`): no destructive step began on a host whose fresh re-probe failed
+//! or whose token was not valid, and none without a token, a matching barrier re-probe and a
+//! barrier allow in its journal; no step began twice in a run; every run ends typed; `runs
+//! verify` passes on every run; every summary matches its schema.
 //!
 //! Needs root (network namespaces). Without it the tests fail, unless `TOLLGATE_SKIP_NETNS=1`.
 #![cfg(target_os = "linux")]
@@ -18,10 +18,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
+use tollgate_tests::invariants::{self, Tally, check_run, check_settled, is_typed};
 use tollgate_tests::lab::CliOut;
-use tollgate_tests::netns::{
-    self, NetLab, NetLabOptions, Rng, Tally, check_run, check_settled, is_typed, quiesce,
-};
+use tollgate_tests::netns::{self, NetLab, NetLabOptions, quiesce};
+use tollgate_tests::operations;
+use tollgate_tests::seeds::{self, Rng};
 
 /// How long a step may take to reach its gate.
 const WAIT: Duration = Duration::from_secs(30);
@@ -144,7 +145,7 @@ async fn recovers(lab: &NetLab, t: &mut Tally) -> anyhow::Result<()> {
     let began = lab.markers().began_since(&before);
     for h in lab.host_names() {
         let n = began
-            .get(&(h.clone(), netns::DESTRUCTIVE.to_string()))
+            .get(&(h.clone(), operations::DESTRUCTIVE.to_string()))
             .copied();
         anyhow::ensure!(
             n == Some(1),
@@ -231,7 +232,7 @@ async fn partition_scenario(name: &str, point: CutPoint, reps: usize, faults: &s
     if !enabled(name) {
         return;
     }
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let t = repeat(seed, reps, |s, _| partition_rep(s, point)).await;
     t.finish(name, faults, seed).unwrap();
 }
@@ -351,7 +352,7 @@ async fn delay_5s_on_one_link() {
     if !enabled(name) {
         return;
     }
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let t = repeat(seed, 4, |s, _| delay_rep(s)).await;
     t.finish(
         name,
@@ -425,7 +426,7 @@ async fn agent_killed_and_restarted_mid_step() {
     if !enabled(name) {
         return;
     }
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     let t = repeat(seed, 10, |s, _| agent_kill_rep(s)).await;
     t.finish(
         name,
@@ -563,7 +564,7 @@ async fn coordinator_kill_lab(seed: u64, runs: usize) -> anyhow::Result<Tally> {
                 .push(format!("{run} ({point:?}) is missing after the restart")),
             Some(state) => {
                 t.runs += 1;
-                if netns::TYPED_OUTCOMES.contains(&state.as_str()) {
+                if invariants::TYPED_OUTCOMES.contains(&state.as_str()) {
                     t.typed += 1;
                     t.note(format!("{point:?} → {state}"));
                 } else {
@@ -603,7 +604,7 @@ async fn coordinator_sigkill_at_random_points() {
     if !enabled(name) {
         return;
     }
-    let seed = netns::scenario_seed(name);
+    let seed = seeds::scenario_seed(name);
     // 5 labs x 6 runs = 30 runs, each with one SIGKILL.
     let t = repeat(seed, 5, |s, _| coordinator_kill_lab(s, 6)).await;
     assert!(t.repetitions >= 20, "the issue asks for at least 20 runs");

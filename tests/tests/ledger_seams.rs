@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tollgate_tests::lab::{CliOut, DEFAULT_HOSTS, Lab};
-use tollgate_tests::netns::{self, Rng};
+use tollgate_tests::seeds::{self, Rng};
 
 /// Bound for anything the test waits on (never a synchronisation sleep).
 const WAIT: Duration = Duration::from_secs(60);
@@ -43,7 +43,7 @@ const CLOSED_STATES: &[&str] = &[
 /// The seed: `TOLLGATE_FAULT_SEED` if set (as the fault suites do), else fresh; printed with
 /// the command that replays it.
 fn seed(test: &str) -> u64 {
-    netns::seed_for("--test ledger_seams", test)
+    seeds::seed_for("--test ledger_seams", test)
 }
 
 /// `who` approves `run`'s plan `hash`.
@@ -101,15 +101,19 @@ fn token_of(out: &CliOut) -> Option<String> {
     out.json()["token"].as_str().map(str::to_string)
 }
 
-/// `(host, step) -> count` for every host and the teardown steps.
-fn markers(lab: &Lab) -> BTreeMap<(String, &'static str), usize> {
-    let mut m = BTreeMap::new();
-    for host in ["web1", "web2", "db1"] {
-        for step in ["drain", "remove"] {
-            m.insert((host.to_string(), step), lab.ran(host, step));
-        }
-    }
-    m
+/// `(host, step) -> finished count` for every host and the teardown steps ([`Lab::markers`]).
+fn markers(lab: &Lab) -> BTreeMap<(String, String), usize> {
+    lab.markers()
+        .0
+        .into_iter()
+        .filter(|((_, step), _)| ["drain", "remove"].contains(&step.as_str()))
+        .map(|(host_step, (_, finished))| (host_step, finished))
+        .collect()
+}
+
+/// The key of [`markers`] for `host` and `step`.
+fn key(host: &str, step: &str) -> (String, String) {
+    (host.to_string(), step.to_string())
 }
 
 /// Bytes of newline-terminated lines in a run's timeline (0 if it does not exist yet).
@@ -325,8 +329,7 @@ async fn sigkill_anywhere_after_approval_closes_the_run_and_no_step_runs_twice()
 
         // Counted after the redeploy, so a step the kill left running on an agent has landed.
         let after = markers(&lab);
-        let delta =
-            |h: &str, s: &'static str| after[&(h.to_string(), s)] - before[&(h.to_string(), s)];
+        let delta = |h: &str, s: &str| after[&key(h, s)] - before[&key(h, s)];
         for h in ["web1", "web2"] {
             for s in ["drain", "remove"] {
                 assert!(
@@ -372,7 +375,7 @@ async fn sigkill_anywhere_after_approval_closes_the_run_and_no_step_runs_twice()
     let last = markers(&lab);
     let removes: Vec<usize> = ["web1", "web2"]
         .iter()
-        .map(|h| last[&(h.to_string(), "remove")] - first[&(h.to_string(), "remove")])
+        .map(|h| last[&key(h, "remove")] - first[&key(h, "remove")])
         .collect();
     eprintln!("seed {seed}: {tally:?}; remove ran {removes:?} times on web1, web2");
 

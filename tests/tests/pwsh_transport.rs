@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tollgate_coordinator::transport::pwsh::{
@@ -18,6 +18,7 @@ use tollgate_protocol::agent::{
     Stream, fingerprint,
 };
 use tollgate_protocol::outcome::ReasonCode;
+use tollgate_tests::evidence::count_lines;
 
 /// Bound on every await: a broken session must fail a test, never hang it.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -138,12 +139,6 @@ fn text(chunks: &[OutputChunk]) -> String {
         .iter()
         .map(|c| String::from_utf8_lossy(&c.data).into_owned())
         .collect()
-}
-
-fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
 }
 
 /// True once `pid` is gone (the session reaps what it kills, so no waiting is needed).
@@ -307,7 +302,7 @@ async fn one_key_runs_exactly_once_and_is_queryable() {
     assert!(second.replayed, "the second send must replay, not run");
     assert_eq!(second.status, first.status);
     assert!(out2.is_empty());
-    assert_eq!(lines(&target), 1, "the script ran twice");
+    assert_eq!(count_lines(&target), 1, "the script ran twice");
 
     match query(&mut s, "run1/local1/once").await {
         IdempotencyStatus::Finished(r) => {
@@ -321,12 +316,12 @@ async fn one_key_runs_exactly_once_and_is_queryable() {
     let mut fresh = fx.local();
     let (third, _) = execute(&mut fresh, step("run1/local1/once", &script, 30_000)).await;
     assert!(third.unwrap().replayed);
-    assert_eq!(lines(&target), 1);
+    assert_eq!(count_lines(&target), 1);
 
     // Another key is another step.
     let (other, _) = execute(&mut fresh, step("run1/local1/twice", &script, 30_000)).await;
     assert!(!other.unwrap().replayed);
-    assert_eq!(lines(&target), 2);
+    assert_eq!(count_lines(&target), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,7 +452,7 @@ async fn a_crash_before_the_step_started_is_transient_and_nothing_ran() {
     // Retrying the same key is safe and runs it once.
     let (r, _) = execute(&mut s, step("k/crash-early", &script, 30_000)).await;
     assert_eq!(r.unwrap().status, ExecStatus::Exited { code: 0 });
-    assert_eq!(lines(&target), 1);
+    assert_eq!(count_lines(&target), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,8 +17,9 @@ use tollgate_certs::pki::RevokeTarget;
 use tollgate_certs::trust::CLOSE_UNTRUSTED;
 use tollgate_certs::{Role, SpiffeId};
 use tollgate_tests::fleet::FLEET;
+use tollgate_tests::invariants::is_typed;
 use tollgate_tests::lab::{DEFAULT_HOSTS, Lab};
-use tollgate_tests::netns::{self, is_typed};
+use tollgate_tests::operations;
 use tollgate_tests::proc::eventually;
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -53,7 +54,7 @@ fn pids(lab: &Lab) -> Vec<Option<u32>> {
 async fn revocation_takes_effect_without_a_restart() {
     let mut lab = Lab::start_with(
         DEFAULT_HOSTS,
-        &netns::operations(),
+        &operations::gated(),
         "",
         vec![("TOLLGATE_LOG", "tollgate_certs=info,warn".into())],
     )

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use tollgate_tests::evidence::finished;
 use tollgate_tests::lab::Lab;
 
 /// Agent hosts run `sh` steps; the ps host runs the stand-in's line language (in production,
@@ -72,11 +73,7 @@ async fn mixed_fleet_deploys_escalates_and_tears_down_once() {
     // The ps host's markers live in a directory the test owns.
     let ps_home = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(ps_home.path().join("markers")).unwrap();
-    let win_ran = |step: &str| {
-        std::fs::read_to_string(ps_home.path().join("markers").join(step))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    };
+    let win_ran = |step: &str| finished(ps_home.path(), step);
     let hosts = [("web1", "web", "standard"), ("web2", "web", "standard")];
     let ps = [("win1", "win", "standard")];
     let lab = Lab::start_mixed(&hosts, &ps, &operations(ps_home.path()), "", Vec::new())
