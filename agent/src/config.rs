@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tollgate_certs::{Role, SpiffeId};
-use tollgate_protocol::Shell;
+use tollgate_protocol::{ConfigError, Shell};
 
 use crate::AgentError;
 
@@ -92,11 +92,9 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// Parses and validates `text` read from `file`.
 pub fn parse(text: &str, file: &Path) -> Result<AgentConfig, AgentError> {
-    let err = |key: &str, reason: String| AgentError::Config {
-        file: file.to_path_buf(),
-        key: key.to_string(),
-        reason,
-    };
+    let label = file.display().to_string();
+    let err =
+        |key: &str, reason: String| AgentError::from(ConfigError::invalid(&label, key, reason));
     let raw: Raw = toml::from_str(text).map_err(|e| {
         let msg = e.message().to_string();
         let key = msg
@@ -282,14 +280,10 @@ crl = "/etc/tollgate/crl.pem"
             let text = GOOD.replacen(from, to, 1);
             let e = parse(&text, Path::new("agent.toml")).unwrap_err();
             match &e {
-                AgentError::Config {
-                    file,
-                    key: k,
-                    reason,
-                } => {
-                    assert_eq!(file, Path::new("agent.toml"));
-                    assert_eq!(k, key, "{e}");
-                    assert!(!reason.is_empty());
+                AgentError::Config(c) => {
+                    assert_eq!(c.file(), "agent.toml");
+                    assert_eq!(c.key(), *key, "{e}");
+                    assert!(!c.reason().is_empty());
                 }
                 other => panic!("{other}"),
             }

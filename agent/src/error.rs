@@ -2,15 +2,13 @@
 
 use std::path::PathBuf;
 
+use tollgate_protocol::ConfigError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// A configuration problem, naming the file, the key and the reason.
-    #[error("{file}: {key}: {reason}")]
-    Config {
-        file: PathBuf,
-        key: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -15,7 +15,7 @@ use tollgate_protocol::agent::{
     ExecuteRequest, HelloAck, OutputChunk,
 };
 use tollgate_protocol::io::{read_frame, write_frame};
-use tollgate_protocol::{AGENT_ALPN, FrameError, FrameLimits, SUPPORTED, negotiate};
+use tollgate_protocol::{AGENT_ALPN, ConfigError, FrameError, FrameLimits, SUPPORTED, negotiate};
 
 use crate::AgentError;
 use crate::config::AgentConfig;
@@ -67,14 +67,15 @@ fn software() -> String {
 pub fn bind(cfg: &AgentConfig) -> Result<Listening, AgentError> {
     let identity = TlsIdentity::load(&cfg.tls.cert, &cfg.tls.key)?;
     if identity.id.role() != tollgate_certs::Role::Agent {
-        return Err(AgentError::Config {
-            file: cfg.source.clone(),
-            key: "tls.cert".into(),
-            reason: format!(
+        return Err(ConfigError::invalid(
+            &cfg.source.display().to_string(),
+            "tls.cert",
+            format!(
                 "{} is not an agent certificate: an agent runs only as spiffe://FLEET/agent/HOST",
                 identity.id
             ),
-        });
+        )
+        .into());
     }
     let trust = TrustStore::load(&cfg.tls.ca, &cfg.tls.crl)?;
     let server_cfg = quic::server_config(

@@ -25,18 +25,14 @@ use tollgate_certs::{RejectionLog, SpiffeId, TlsIdentity, TrustStore};
 use tollgate_protocol::agent::Hello;
 use tollgate_protocol::ctl::{CtlRequest, CtlResponse, ProgressEvent};
 use tollgate_protocol::io::{read_frame, write_frame};
-use tollgate_protocol::{CTL_ALPN, FrameLimits, SUPPORTED};
+use tollgate_protocol::{CTL_ALPN, ConfigError, FrameLimits, SUPPORTED};
 
 use crate::error_chain::chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{file}: {key}: {reason}")]
-    Config {
-        file: String,
-        key: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Certs(#[from] tollgate_certs::CertError),
     #[error("cannot reach the coordinator at {addr}: {detail}")]
@@ -78,12 +74,12 @@ pub struct ClientConfig {
 impl ClientConfig {
     pub fn load(path: &Path) -> Result<Self, ClientError> {
         let file = path.display().to_string();
-        let bad = |key: &str, reason: String| ClientError::Config {
+        let bad =
+            |key: &str, reason: String| ClientError::from(ConfigError::invalid(&file, key, reason));
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             file: file.clone(),
-            key: key.into(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| bad("(file)", e.to_string()))?;
+            reason: e.to_string(),
+        })?;
         let raw: RawClient =
             toml::from_str(&text).map_err(|e| bad("(document)", e.message().to_string()))?;
         let coordinator = raw

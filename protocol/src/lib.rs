@@ -16,6 +16,7 @@
 //! top for any tokio stream, quinn streams included. Nothing in this crate decides policy.
 
 pub mod agent;
+pub mod config_error;
 pub mod ctl;
 pub mod error;
 pub mod frame;
@@ -24,6 +25,7 @@ pub mod io;
 pub mod outcome;
 pub mod version;
 
+pub use config_error::ConfigError;
 pub use error::FrameError;
 pub use frame::{Envelope, FrameDecoder, FrameLimits, decode_body, encode_frame};
 pub use version::{PROTOCOL_VERSION, SUPPORTED, VersionRange, negotiate};

@@ -87,7 +87,7 @@ pub fn run(client: Option<PathBuf>, json: bool, cmd: RemoteCommand) -> u8 {
             Err(e) => {
                 eprintln!("tollgate: {e}");
                 return match e {
-                    ClientError::Config { .. } | ClientError::Certs(_) => exit::USAGE,
+                    ClientError::Config(_) | ClientError::Certs(_) => exit::USAGE,
                     _ => exit::UNREACHABLE,
                 };
             }

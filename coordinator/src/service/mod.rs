@@ -18,7 +18,9 @@ use tollgate_certs::{
 };
 use tollgate_protocol::CTL_ALPN;
 
-use crate::config::{self, CoordinatorConfig, Inventory, Operations, PsTarget, Transport};
+use crate::config::{
+    self, ConfigError, CoordinatorConfig, Inventory, Operations, PsTarget, Transport,
+};
 use crate::core::token::TokenIssuer;
 use crate::journal::index::RunIndex;
 use crate::runtime::clock::Clock;
@@ -34,15 +36,9 @@ use crate::transport::pwsh::{PwshMode, PwshSettings, SshTarget, WinRmTarget};
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Certs(#[from] tollgate_certs::CertError),
-    #[error("{file}: {key}: {reason}")]
-    Invalid {
-        file: String,
-        key: String,
-        reason: String,
-    },
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
     #[error("cannot listen on {addr}: {reason}")]
@@ -122,22 +118,21 @@ pub fn load(config_path: &Path) -> Result<Loaded, ServiceError> {
     let inventory = config::load_inventory(&config.inventory)?;
     let operations = config::load_operations(&config.operations)?;
     config::validate_operations(&operations, &inventory)?;
-    let crl = config
-        .tls
-        .crl
-        .clone()
-        .ok_or_else(|| ServiceError::Invalid {
-            file: file.clone(),
-            key: "tls.crl".into(),
-            reason: "required: the coordinator refuses to run without checking revocation".into(),
-        })?;
+    let crl = config.tls.crl.clone().ok_or_else(|| {
+        ConfigError::invalid(
+            &file,
+            "tls.crl",
+            "required: the coordinator refuses to run without checking revocation",
+        )
+    })?;
     let identity = TlsIdentity::load(&config.tls.cert, &config.tls.key)?;
     if identity.id.role() != CertRole::Coordinator {
-        return Err(ServiceError::Invalid {
-            file: file.clone(),
-            key: "tls.cert".into(),
-            reason: format!("{} is not a coordinator certificate", identity.id),
-        });
+        return Err(ConfigError::invalid(
+            &file,
+            "tls.cert",
+            format!("{} is not a coordinator certificate", identity.id),
+        )
+        .into());
     }
     let trust = TrustStore::load(&config.tls.ca, &crl)?;
     let signing_pkcs8 = signing_key(&config.tokens.signing_key)?;
@@ -158,10 +153,12 @@ fn reach_of(loaded: &Loaded) -> Result<BTreeMap<String, Reach>, ServiceError> {
     for (i, h) in loaded.inventory.hosts().iter().enumerate() {
         let reach = match &h.transport {
             Transport::Agent(a) => {
-                let bad = |key: &str, reason: String| ServiceError::Invalid {
-                    file: loaded.inventory.source().to_string(),
-                    key: format!("hosts[{i}].transport.agent.{key}"),
-                    reason,
+                let bad = |key: &str, reason: String| {
+                    ServiceError::from(ConfigError::invalid(
+                        loaded.inventory.source(),
+                        format!("hosts[{i}].transport.agent.{key}"),
+                        reason,
+                    ))
                 };
                 let addr = a
                     .address

@@ -131,7 +131,6 @@
 //! resolves them).
 
 mod coordinator;
-mod error;
 mod inventory;
 mod locate;
 mod operations;
@@ -142,7 +141,6 @@ pub use coordinator::{
     DEFAULT_LISTEN, DEFAULT_TOKEN_LIFETIME_MS, MAX_TOKEN_LIFETIME_MS, ProbeSettings, RetryPolicy,
     Role, Rollout, TlsPaths, TokenSettings, parse_coordinator,
 };
-pub use error::ConfigError;
 pub use inventory::{
     AgentTransport, Host, Inventory, PsRemoting, PsTarget, SafetyClass, Transport, parse_inventory,
 };
@@ -150,4 +148,5 @@ pub use operations::{
     ActionSpec, DEFAULT_STEP_TIMEOUT_MS, MAX_STEP_RETRIES, MAX_STEP_TIMEOUT_MS, Operations, Phase,
     ProbeScript, ScriptSource, Step, parse_operations, validate_operations,
 };
+pub use tollgate_protocol::ConfigError;
 pub use values::{is_dns_label, is_spiffe_id, parse_duration_ms, show_ms};

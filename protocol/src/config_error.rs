@@ -1,4 +1,6 @@
-//! The one error type of the configuration boundary.
+//! The one error type of the configuration boundary, shared by every crate that reads a
+//! configuration file (the coordinator's three files, the client's, the agent's): an operator
+//! always reads `file: key: reason`.
 
 /// A configuration file could not be used. Every variant names the file; `Invalid` and `Syntax`
 /// also name the key (a dotted path such as `hosts[2].transport.agent.address`) and the reason.
