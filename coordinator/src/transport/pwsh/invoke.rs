@@ -10,195 +10,248 @@ use tollgate_protocol::agent::{
 };
 
 use super::child::Event;
-use super::contract::{FailCode, Request, Response, TextStream};
+use super::contract::{FailCode, Request, Response, TextStream, WireStatus};
 use super::error::fail_error;
 use super::session::duration_ms;
 use super::wire::Broken;
 use super::{PwshSession, SessionError};
 
+/// What the invocation waits for next.
 enum Step {
     Event(Event),
     Cancel(String),
     Hung,
+    /// There is no child to wait for.
+    Gone,
+}
+
+/// What one step of the wait means for the invocation.
+enum Next {
+    /// Keep waiting.
+    Wait,
+    /// The invocation ended with this answer.
+    Done(Result<ExecResult, SessionError>),
+    /// The session broke after the request was sent, for this cause: recover from the marker.
+    Broke(String),
+}
+
+/// One invocation in flight.
+struct Flight {
+    id: u64,
+    key: String,
+    /// The request's timeout plus the answer margin: past it the child counts as hung.
+    limit: Duration,
+    deadline: Instant,
+    sent_at: Instant,
+    /// The next output chunk's number.
+    seq: u64,
+    /// The `cancel` requests sent for this invocation, not yet answered.
+    cancels: Vec<u64>,
+}
+
+impl Flight {
+    /// Hands one chunk of output on, numbered in order.
+    fn emit(&mut self, on_output: &mut impl FnMut(OutputChunk), stream: Stream, data: Vec<u8>) {
+        on_output(OutputChunk {
+            seq: self.seq,
+            stream,
+            data,
+        });
+        self.seq += 1;
+    }
+
+    /// The invocation's answer from its `result` line.
+    fn result(&self, status: WireStatus, duration_ms: u64, replayed: bool) -> ExecResult {
+        ExecResult {
+            idempotency_key: self.key.clone(),
+            status: status.into_exec_status(),
+            duration_ms,
+            stdout_truncated: false,
+            stderr_truncated: false,
+            replayed,
+        }
+    }
 }
 
 impl PwshSession {
+    /// Sends the step and waits for its answer, handing output on as it comes and forwarding
+    /// cancels; a break after sending ends in [`Self::recover`], never in a re-send.
     pub(super) async fn invoke(
         &mut self,
         req: ExecuteRequest,
         on_output: &mut impl FnMut(OutputChunk),
     ) -> Result<ExecResult, SessionError> {
         let key = req.idempotency_key.clone();
-        let deadline =
-            Instant::now() + Duration::from_millis(req.timeout_ms) + self.settings.answer_margin;
+        let limit = Duration::from_millis(req.timeout_ms) + self.settings.answer_margin;
+        let deadline = Instant::now() + limit;
         let id = self.take_id();
-        let wire = Request::Invoke {
+        let wire = invoke_request(id, req);
+        let mut f = Flight {
             id,
-            key: key.clone(),
-            request_sha: request_sha(&req),
-            shell: req.shell,
-            script: req.script,
-            env: req.env,
-            working_dir: req.working_dir,
-            timeout_ms: req.timeout_ms,
+            key,
+            limit,
+            deadline,
+            sent_at: Instant::now(),
+            seq: 0,
+            cancels: Vec::new(),
         };
-        let sent_at = Instant::now();
         if let Err(b) = self.send(&wire, deadline).await {
-            return self.recover(&key, b.to_string(), sent_at).await;
+            return self.recover(&f.key, b.to_string(), f.sent_at).await;
         }
-        let mut seq = 0u64;
-        let mut cancels: Vec<u64> = Vec::new();
         loop {
-            let step = {
-                let Some(child) = self.child.as_mut() else {
-                    return self
-                        .recover(&key, "the session host is gone".into(), sent_at)
-                        .await;
-                };
-                let cancel_rx = &mut self.cancel_rx;
-                tokio::select! {
-                    ev = child.next_event() => Step::Event(ev),
-                    Some(k) = cancel_rx.recv() => Step::Cancel(k),
-                    _ = tokio::time::sleep_until(deadline) => Step::Hung,
-                }
-            };
-            let resp = match step {
-                Step::Cancel(k) => {
-                    if k == key {
-                        let cid = self.take_id();
-                        cancels.push(cid);
-                        let line = Request::Cancel {
-                            id: cid,
-                            key: key.clone(),
-                        };
-                        if let Err(b) = self.send(&line, deadline).await {
-                            return self.recover(&key, b.to_string(), sent_at).await;
-                        }
-                    }
-                    continue;
-                }
-                Step::Hung => {
-                    let limit = Duration::from_millis(req.timeout_ms) + self.settings.answer_margin;
-                    return self
-                        .recover(&key, Broken::Hung(limit).to_string(), sent_at)
-                        .await;
-                }
-                Step::Event(Event::Garbage(g)) => {
-                    return self
-                        .recover(&key, Broken::Garbage(g).to_string(), sent_at)
-                        .await;
-                }
+            let next = match self.next_step(deadline).await {
+                Step::Gone => Next::Broke("the session host is gone".into()),
+                Step::Cancel(k) => self.forward_cancel(&mut f, &k).await,
+                Step::Hung => Next::Broke(Broken::Hung(f.limit).to_string()),
+                Step::Event(Event::Garbage(g)) => Next::Broke(Broken::Garbage(g).to_string()),
                 Step::Event(Event::Eof) => {
-                    let how = match self.child.as_mut() {
-                        Some(c) => c.describe_exit().await,
-                        None => "is gone".to_string(),
-                    };
-                    return self
-                        .recover(&key, Broken::Exited(how).to_string(), sent_at)
-                        .await;
+                    Next::Broke(Broken::Exited(self.how_it_exited().await).to_string())
                 }
-                Step::Event(Event::Message(r)) => r,
+                Step::Event(Event::Message(r)) => self.on_response(&mut f, r, on_output),
             };
-            match resp {
-                Response::Output {
-                    id: r,
-                    stream,
-                    data,
-                } if r == id => {
-                    let stream = match stream {
-                        TextStream::Stdout => Stream::Stdout,
-                        TextStream::Stderr => Stream::Stderr,
-                    };
-                    on_output(OutputChunk {
-                        seq,
-                        stream,
-                        data: data.into_bytes(),
-                    });
-                    seq += 1;
-                }
-                Response::Error { id: r, data, .. } if r == id => {
-                    on_output(OutputChunk {
-                        seq,
-                        stream: Stream::Stderr,
-                        data: data.into_bytes(),
-                    });
-                    seq += 1;
-                }
-                Response::Progress {
-                    id: r,
-                    activity,
-                    status,
-                    percent,
-                } if r == id => {
-                    tracing::debug!(host = %self.host, %key, %activity, %status, ?percent, "step progress");
-                }
-                Response::Cancel { id: r, .. } if self.stray_cancels.contains(&r) => {
-                    self.stray_cancels.retain(|c| *c != r);
-                }
-                Response::Cancel { id: r, found } if cancels.contains(&r) => {
-                    cancels.retain(|c| *c != r);
-                    tracing::debug!(host = %self.host, %key, found, "cancel answered");
-                }
-                Response::Fail { id: r, .. } if cancels.contains(&r) => {
-                    cancels.retain(|c| *c != r);
-                }
-                Response::Result {
-                    id: r,
-                    key: k,
-                    status,
-                    error,
-                    duration_ms,
-                    replayed,
-                } if r == id => {
-                    if k != key {
-                        let cause = format!("the result of request {id} names key {k}, not {key}");
-                        return self.recover(&key, cause, sent_at).await;
-                    }
-                    self.stray_cancels.extend(cancels);
-                    if let Some(e) = &error {
-                        on_output(OutputChunk {
-                            seq,
-                            stream: Stream::Stderr,
-                            data: format!("{}: {}\n", e.category, e.message).into_bytes(),
-                        });
-                    }
-                    self.last_script_error = error;
-                    return Ok(ExecResult {
-                        idempotency_key: key,
-                        status: status.into_exec_status(),
-                        duration_ms,
-                        stdout_truncated: false,
-                        stderr_truncated: false,
-                        replayed,
-                    });
-                }
-                Response::Fail {
-                    id: r,
-                    code,
-                    message,
-                } if r == id => match code {
-                    // Refused before anything ran: the session is fine.
-                    FailCode::IdempotencyConflict
-                    | FailCode::Busy
-                    | FailCode::BadRequest
-                    | FailCode::UnsupportedVersion => {
-                        self.stray_cancels.extend(cancels);
-                        return Err(fail_error(&self.host, code, message, Duration::ZERO));
-                    }
-                    _ => {
-                        let cause = format!("the session host said {}: {message}", code.as_str());
-                        return self.recover(&key, cause, sent_at).await;
-                    }
-                },
-                other => {
-                    let cause = format!(
-                        "the session host sent {} for request {} while {key} was running",
-                        other.kind(),
-                        other.id()
-                    );
-                    return self.recover(&key, cause, sent_at).await;
-                }
+            match next {
+                Next::Wait => {}
+                Next::Done(answer) => return answer,
+                Next::Broke(cause) => return self.recover(&f.key, cause, f.sent_at).await,
             }
+        }
+    }
+
+    /// Waits for the child's next event, a cancel from a [`super::Canceller`], or the deadline.
+    async fn next_step(&mut self, deadline: Instant) -> Step {
+        let Some(child) = self.child.as_mut() else {
+            return Step::Gone;
+        };
+        let cancel_rx = &mut self.cancel_rx;
+        tokio::select! {
+            ev = child.next_event() => Step::Event(ev),
+            Some(k) = cancel_rx.recv() => Step::Cancel(k),
+            _ = tokio::time::sleep_until(deadline) => Step::Hung,
+        }
+    }
+
+    /// Sends `cancel` for the invocation if `key` is its key; other keys do not run here.
+    async fn forward_cancel(&mut self, f: &mut Flight, key: &str) -> Next {
+        if key != f.key {
+            return Next::Wait;
+        }
+        let cid = self.take_id();
+        f.cancels.push(cid);
+        let line = Request::Cancel {
+            id: cid,
+            key: f.key.clone(),
+        };
+        match self.send(&line, f.deadline).await {
+            Ok(()) => Next::Wait,
+            Err(b) => Next::Broke(b.to_string()),
+        }
+    }
+
+    /// How the child that sent end-of-file exited.
+    async fn how_it_exited(&mut self) -> String {
+        match self.child.as_mut() {
+            Some(c) => c.describe_exit().await,
+            None => "is gone".to_string(),
+        }
+    }
+
+    /// One message from the child while the invocation runs.
+    fn on_response(
+        &mut self,
+        f: &mut Flight,
+        resp: Response,
+        on_output: &mut impl FnMut(OutputChunk),
+    ) -> Next {
+        if self.note_cancel_answer(f, &resp) {
+            return Next::Wait;
+        }
+        match resp {
+            Response::Output { id, stream, data } if id == f.id => {
+                let stream = match stream {
+                    TextStream::Stdout => Stream::Stdout,
+                    TextStream::Stderr => Stream::Stderr,
+                };
+                f.emit(on_output, stream, data.into_bytes());
+                Next::Wait
+            }
+            Response::Error { id, data, .. } if id == f.id => {
+                f.emit(on_output, Stream::Stderr, data.into_bytes());
+                Next::Wait
+            }
+            Response::Progress {
+                id,
+                activity,
+                status,
+                percent,
+            } if id == f.id => {
+                tracing::debug!(host = %self.host, key = %f.key, %activity, %status, ?percent, "step progress");
+                Next::Wait
+            }
+            Response::Result {
+                id,
+                key,
+                status,
+                error,
+                duration_ms,
+                replayed,
+            } if id == f.id => {
+                if key != f.key {
+                    let cause =
+                        format!("the result of request {id} names key {key}, not {}", f.key);
+                    return Next::Broke(cause);
+                }
+                self.stray_cancels.append(&mut f.cancels);
+                if let Some(e) = &error {
+                    let line = format!("{}: {}\n", e.category, e.message);
+                    f.emit(on_output, Stream::Stderr, line.into_bytes());
+                }
+                self.last_script_error = error;
+                Next::Done(Ok(f.result(status, duration_ms, replayed)))
+            }
+            Response::Fail { id, code, message } if id == f.id => self.on_fail(f, code, message),
+            other => Next::Broke(format!(
+                "the session host sent {} for request {} while {} was running",
+                other.kind(),
+                other.id(),
+                f.key
+            )),
+        }
+    }
+
+    /// Whether `resp` answers a `cancel` (this invocation's, or one sent for an invocation that
+    /// has ended); such an answer is noted and otherwise ignored.
+    fn note_cancel_answer(&mut self, f: &mut Flight, resp: &Response) -> bool {
+        match *resp {
+            Response::Cancel { id, .. } if self.stray_cancels.contains(&id) => {
+                self.stray_cancels.retain(|c| *c != id);
+            }
+            Response::Cancel { id, found } if f.cancels.contains(&id) => {
+                f.cancels.retain(|c| *c != id);
+                tracing::debug!(host = %self.host, key = %f.key, found, "cancel answered");
+            }
+            Response::Fail { id, .. } if f.cancels.contains(&id) => {
+                f.cancels.retain(|c| *c != id);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// A `fail` for the invocation itself.
+    fn on_fail(&mut self, f: &mut Flight, code: FailCode, message: String) -> Next {
+        match code {
+            // Refused before anything ran: the session is fine.
+            FailCode::IdempotencyConflict
+            | FailCode::Busy
+            | FailCode::BadRequest
+            | FailCode::UnsupportedVersion => {
+                self.stray_cancels.append(&mut f.cancels);
+                Next::Done(Err(fail_error(&self.host, code, message, Duration::ZERO)))
+            }
+            _ => Next::Broke(format!(
+                "the session host said {}: {message}",
+                code.as_str()
+            )),
         }
     }
 
@@ -243,6 +296,21 @@ impl PwshSession {
                 self.host
             ))),
         }
+    }
+}
+
+/// The `invoke` line for `req`.
+fn invoke_request(id: u64, req: ExecuteRequest) -> Request {
+    let request_sha = request_sha(&req);
+    Request::Invoke {
+        id,
+        key: req.idempotency_key,
+        request_sha,
+        shell: req.shell,
+        script: req.script,
+        env: req.env,
+        working_dir: req.working_dir,
+        timeout_ms: req.timeout_ms,
     }
 }
 
