@@ -116,6 +116,13 @@ impl PwshSession {
 
     /// Starts a child and waits for its `hello`.
     async fn start(&mut self, deadline: Instant) -> Result<HelloInfo, SessionError> {
+        self.spawn_child()?;
+        self.say_hello(deadline).await
+    }
+
+    /// Starts `pwsh` on the session-host script; its environment gets only the credential's
+    /// reference.
+    fn spawn_child(&mut self) -> Result<(), SessionError> {
         let program = resolve_program(&self.settings.pwsh_path)?;
         let tail = self.settings.script_args()?;
         let credential = self.settings.credential()?;
@@ -153,6 +160,11 @@ impl PwshSession {
         self.spawns += 1;
         tracing::debug!(host = %self.host, pid = ?child.pid(), mode = self.settings.mode.as_str(), "pwsh session host started");
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Says `hello` to the new child and waits for its answer, within the connect timeout.
+    async fn say_hello(&mut self, deadline: Instant) -> Result<HelloInfo, SessionError> {
         let connect = self.settings.connect_timeout;
         let deadline = deadline.min(Instant::now() + connect);
         let limit = deadline.saturating_duration_since(Instant::now());
