@@ -50,18 +50,59 @@ pub enum SessionError {
     /// The session host refused the request (`busy`, `bad_request`, `unsupported_version`,
     /// `internal`, ...).
     #[error("session host refused the request ({code}): {message}")]
-    Refused { code: String, message: String },
+    Refused { code: RefusalCode, message: String },
+}
+
+/// Why the session host refused a request: the contract's `fail` codes that are no other
+/// [`SessionError`]. Decisions read this, never the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalCode {
+    /// The request was not a contract request.
+    BadRequest,
+    /// The session host does not speak this contract version.
+    UnsupportedVersion,
+    /// Another request is running; nothing ran (transient).
+    Busy,
+    /// The session host failed on its own.
+    Internal,
+    /// A code this coordinator does not know (a newer session host).
+    Other,
+}
+
+impl RefusalCode {
+    /// The contract's code for this refusal.
+    pub fn fail_code(self) -> FailCode {
+        match self {
+            RefusalCode::BadRequest => FailCode::BadRequest,
+            RefusalCode::UnsupportedVersion => FailCode::UnsupportedVersion,
+            RefusalCode::Busy => FailCode::Busy,
+            RefusalCode::Internal => FailCode::Internal,
+            RefusalCode::Other => FailCode::Other,
+        }
+    }
+}
+
+/// The code as the contract spells it (`busy`, `bad_request`, ...).
+impl std::fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.fail_code().as_str())
+    }
 }
 
 impl SessionError {
     /// Transient failures may be retried (a new child is started when needed); others need a
     /// person: a missing program, bad settings, a refused credential, a broken contract.
     pub fn is_transient(&self) -> bool {
-        match self {
-            SessionError::Unreachable(_) | SessionError::Lost(_) | SessionError::Timeout(_) => true,
-            SessionError::Refused { code, .. } => code == FailCode::Busy.as_str(),
-            _ => false,
-        }
+        matches!(
+            self,
+            SessionError::Unreachable(_)
+                | SessionError::Lost(_)
+                | SessionError::Timeout(_)
+                | SessionError::Refused {
+                    code: RefusalCode::Busy,
+                    ..
+                }
+        )
     }
 
     /// The reason code this failure suggests (the caller may refine it, e.g. `ProbeTimeout`).
@@ -78,9 +119,10 @@ impl SessionError {
             SessionError::IdempotencyConflict(_) => ReasonCode::SpawnFailed,
             SessionError::ProbeFailed(_) => ReasonCode::ProbeFailed,
             SessionError::ProbeMalformed(_) => ReasonCode::MalformedFacts,
-            SessionError::Refused { code, .. } if code == FailCode::UnsupportedVersion.as_str() => {
-                ReasonCode::VersionMismatch
-            }
+            SessionError::Refused {
+                code: RefusalCode::UnsupportedVersion,
+                ..
+            } => ReasonCode::VersionMismatch,
             SessionError::Refused { .. } => ReasonCode::SpawnFailed,
         }
     }
@@ -103,15 +145,16 @@ pub(super) fn fail_error(
         FailCode::IdempotencyConflict => SessionError::IdempotencyConflict(message),
         FailCode::ProbeFailed => SessionError::ProbeFailed(message),
         FailCode::TimedOut => SessionError::Timeout(timeout),
-        FailCode::BadRequest
-        | FailCode::UnsupportedVersion
-        | FailCode::Busy
-        | FailCode::Internal
-        | FailCode::Other => SessionError::Refused {
-            code: code.as_str().to_string(),
-            message,
-        },
+        FailCode::BadRequest => refused(RefusalCode::BadRequest, message),
+        FailCode::UnsupportedVersion => refused(RefusalCode::UnsupportedVersion, message),
+        FailCode::Busy => refused(RefusalCode::Busy, message),
+        FailCode::Internal => refused(RefusalCode::Internal, message),
+        FailCode::Other => refused(RefusalCode::Other, message),
     }
+}
+
+fn refused(code: RefusalCode, message: String) -> SessionError {
+    SessionError::Refused { code, message }
 }
 
 #[cfg(test)]
@@ -128,6 +171,67 @@ mod tests {
         assert_eq!(
             SessionError::AuthFailed("x".into()).reason(),
             ReasonCode::AuthFailed
+        );
+    }
+
+    #[test]
+    fn refusals_follow_the_code_not_the_words() {
+        // Words that name other codes; only the code may decide.
+        let words = "busy; unsupported_version; timed out";
+        let table = [
+            (
+                FailCode::Busy,
+                RefusalCode::Busy,
+                true,
+                ReasonCode::SpawnFailed,
+            ),
+            (
+                FailCode::BadRequest,
+                RefusalCode::BadRequest,
+                false,
+                ReasonCode::SpawnFailed,
+            ),
+            (
+                FailCode::UnsupportedVersion,
+                RefusalCode::UnsupportedVersion,
+                false,
+                ReasonCode::VersionMismatch,
+            ),
+            (
+                FailCode::Internal,
+                RefusalCode::Internal,
+                false,
+                ReasonCode::SpawnFailed,
+            ),
+            (
+                FailCode::Other,
+                RefusalCode::Other,
+                false,
+                ReasonCode::SpawnFailed,
+            ),
+        ];
+        for (fail, code, transient, reason) in table {
+            let e = fail_error("web1", fail, words.into(), Duration::ZERO);
+            assert_eq!(
+                e,
+                SessionError::Refused {
+                    code,
+                    message: words.into()
+                }
+            );
+            assert_eq!(code.fail_code(), fail);
+            assert_eq!(e.is_transient(), transient, "{code:?}");
+            assert_eq!(e.reason(), reason, "{code:?}");
+        }
+        let busy = fail_error(
+            "web1",
+            FailCode::Busy,
+            "request 3 is still running".into(),
+            Duration::ZERO,
+        );
+        assert_eq!(
+            busy.to_string(),
+            "session host refused the request (busy): request 3 is still running"
         );
     }
 }

@@ -52,7 +52,7 @@ mod wire;
 
 pub use cancel::Canceller;
 pub use contract::ScriptError;
-pub use error::SessionError;
+pub use error::{RefusalCode, SessionError};
 pub use lifecycle::{CREDENTIAL_REF_ENV, HelloInfo, SessionHealth};
 pub use script_file::SESSION_HOST_SCRIPT;
 pub use session::PwshSession;
