@@ -5,7 +5,7 @@ use tollgate_protocol::outcome::ReasonCode;
 use crate::core::facts::ProbeFailure;
 use crate::core::run::StepResult;
 
-use super::SessionError;
+use super::{RefusalCode, SessionError};
 
 /// A failed probe's typed cause.
 pub fn probe_failure(e: &SessionError) -> ProbeFailure {
@@ -33,7 +33,10 @@ pub fn step_failure(e: &SessionError) -> StepResult {
         SessionError::Unreachable(_) => StepResult::Transient {
             reason: ReasonCode::Unreachable,
         },
-        SessionError::Refused { .. } if e.is_transient() => StepResult::Transient {
+        SessionError::Refused {
+            code: RefusalCode::Busy,
+            ..
+        } => StepResult::Transient {
             reason: ReasonCode::Unreachable,
         },
         SessionError::AuthFailed(_) | SessionError::CredentialUnavailable(_) => {
@@ -53,5 +56,41 @@ pub fn step_failure(e: &SessionError) -> StepResult {
             reason: ReasonCode::SpawnFailed,
             exit_code: None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: RefusalCode) -> SessionError {
+        SessionError::Refused {
+            code,
+            message: "busy; unsupported_version".into(),
+        }
+    }
+
+    #[test]
+    fn only_a_busy_session_host_is_retried_and_the_words_never_decide() {
+        let transient = StepResult::Transient {
+            reason: ReasonCode::Unreachable,
+        };
+        let permanent = StepResult::Permanent {
+            reason: ReasonCode::SpawnFailed,
+            exit_code: None,
+        };
+        let table = [
+            (RefusalCode::Busy, &transient),
+            (RefusalCode::BadRequest, &permanent),
+            (RefusalCode::UnsupportedVersion, &permanent),
+            (RefusalCode::Internal, &permanent),
+            (RefusalCode::Other, &permanent),
+        ];
+        for (code, want) in table {
+            let e = refused(code);
+            assert_eq!(&step_failure(&e), want, "{code:?}");
+            // The session's own view of a refusal agrees with the core's.
+            assert_eq!(e.is_transient(), want == &transient, "{code:?}");
+        }
     }
 }
