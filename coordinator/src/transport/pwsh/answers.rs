@@ -20,8 +20,16 @@ pub fn probe_failure(e: &SessionError) -> ProbeFailure {
         SessionError::Protocol(d) | SessionError::ProbeMalformed(d) => {
             ProbeFailure::Malformed { detail: d.clone() }
         }
-        other => ProbeFailure::Failed {
-            detail: other.to_string(),
+        SessionError::Refused {
+            code: RefusalCode::UnsupportedVersion,
+            ..
+        } => ProbeFailure::VersionMismatch,
+        SessionError::InvalidSettings(_)
+        | SessionError::Setup(_)
+        | SessionError::IdempotencyConflict(_)
+        | SessionError::ProbeFailed(_)
+        | SessionError::Refused { .. } => ProbeFailure::Failed {
+            detail: e.to_string(),
         },
     }
 }
@@ -52,7 +60,19 @@ pub fn step_failure(e: &SessionError) -> StepResult {
         SessionError::Lost(_) | SessionError::Timeout(_) | SessionError::Protocol(_) => {
             StepResult::OutcomeLost
         }
-        _ => StepResult::Permanent {
+        SessionError::Refused {
+            code: RefusalCode::UnsupportedVersion,
+            ..
+        } => StepResult::Permanent {
+            reason: ReasonCode::VersionMismatch,
+            exit_code: None,
+        },
+        SessionError::InvalidSettings(_)
+        | SessionError::Setup(_)
+        | SessionError::IdempotencyConflict(_)
+        | SessionError::ProbeFailed(_)
+        | SessionError::ProbeMalformed(_)
+        | SessionError::Refused { .. } => StepResult::Permanent {
             reason: ReasonCode::SpawnFailed,
             exit_code: None,
         },
@@ -82,7 +102,13 @@ mod tests {
         let table = [
             (RefusalCode::Busy, &transient),
             (RefusalCode::BadRequest, &permanent),
-            (RefusalCode::UnsupportedVersion, &permanent),
+            (
+                RefusalCode::UnsupportedVersion,
+                &StepResult::Permanent {
+                    reason: ReasonCode::VersionMismatch,
+                    exit_code: None,
+                },
+            ),
             (RefusalCode::Internal, &permanent),
             (RefusalCode::Other, &permanent),
         ];
@@ -92,5 +118,17 @@ mod tests {
             // The session's own view of a refusal agrees with the core's.
             assert_eq!(e.is_transient(), want == &transient, "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_session_host_speaking_no_common_version_is_a_version_mismatch_not_a_failure() {
+        assert_eq!(
+            probe_failure(&refused(RefusalCode::UnsupportedVersion)),
+            ProbeFailure::VersionMismatch
+        );
+        assert!(matches!(
+            probe_failure(&refused(RefusalCode::Internal)),
+            ProbeFailure::Failed { .. }
+        ));
     }
 }
