@@ -5,7 +5,7 @@ pub mod ctl;
 pub mod recovery;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,14 +13,10 @@ use actix::prelude::*;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tollgate_certs::files::{Overwrite, Visibility, write_atomic};
 use tollgate_certs::quic::{self, QuicTimeouts};
-use tollgate_certs::{
-    Expectation, RejectionLog, Role as CertRole, SpiffeId, TlsIdentity, TrustStore,
-};
+use tollgate_certs::{Expectation, RejectionLog, Role as CertRole, TlsIdentity, TrustStore};
 use tollgate_protocol::CTL_ALPN;
 
-use crate::config::{
-    self, ConfigError, CoordinatorConfig, Inventory, Operations, PsTarget, Transport,
-};
+use crate::config::{self, ConfigError, CoordinatorConfig, Inventory, Operations};
 use crate::core::token::TokenIssuer;
 use crate::journal::index::RunIndex;
 use crate::runtime::clock::Clock;
@@ -28,9 +24,8 @@ use crate::runtime::coordinator::{Coordinator, Setup};
 use crate::runtime::host::HostActor;
 use crate::runtime::nonces::NonceStore;
 use crate::runtime::recorder::Recorder;
-use crate::transport::Reach;
 use crate::transport::agent::AgentConnector;
-use crate::transport::pwsh::{PwshMode, PwshSettings, SshTarget, WinRmTarget};
+use crate::transport::{Reach, ReachContext};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -147,67 +142,17 @@ pub fn load(config_path: &Path) -> Result<Loaded, ServiceError> {
     })
 }
 
-/// How each inventory host is reached.
+/// How each inventory host is reached: each transport reads its own inventory entry.
 fn reach_of(loaded: &Loaded) -> Result<BTreeMap<String, Reach>, ServiceError> {
     let mut out = BTreeMap::new();
     for (i, h) in loaded.inventory.hosts().iter().enumerate() {
-        let reach = match &h.transport {
-            Transport::Agent(a) => {
-                let bad = |key: &str, reason: String| {
-                    ServiceError::from(ConfigError::invalid(
-                        loaded.inventory.source(),
-                        format!("hosts[{i}].transport.agent.{key}"),
-                        reason,
-                    ))
-                };
-                let addr = a
-                    .address
-                    .to_socket_addrs()
-                    .map_err(|e| bad("address", format!("{:?} does not resolve: {e}", a.address)))?
-                    .next()
-                    .ok_or_else(|| {
-                        bad("address", format!("{:?} resolves to nothing", a.address))
-                    })?;
-                let id: SpiffeId = a
-                    .identity
-                    .parse()
-                    .map_err(|e| bad("identity", format!("{e}")))?;
-                if id.fleet() != loaded.identity.id.fleet() {
-                    return Err(bad(
-                        "identity",
-                        format!(
-                            "{id} is not in this coordinator's fleet {}",
-                            loaded.identity.id.fleet()
-                        ),
-                    ));
-                }
-                Reach::Agent { addr, id }
-            }
-            Transport::PsRemoting(p) => {
-                let mode = match &p.target {
-                    PsTarget::ComputerName(name) => PwshMode::WinRm(WinRmTarget {
-                        port: p.port,
-                        configuration_name: p.configuration_name.clone(),
-                        ..WinRmTarget::new(name.clone())
-                    }),
-                    PsTarget::HostName(name) => PwshMode::Ssh(SshTarget {
-                        port: p.port,
-                        user: p.user.clone(),
-                        key_file: p.key_file.clone(),
-                        ..SshTarget::new(name.clone())
-                    }),
-                };
-                let mut settings = PwshSettings::new(&loaded.config.pwsh, mode);
-                settings.credential_ref = p.credential_ref.clone();
-                settings.state_dir = p.state_dir.clone();
-                Reach::Pwsh(Box::new(settings))
-            }
-            Transport::Local => Reach::Pwsh(Box::new(PwshSettings::new(
-                &loaded.config.pwsh,
-                PwshMode::None,
-            ))),
+        let at = ReachContext {
+            inventory: loaded.inventory.source(),
+            key: format!("hosts[{i}].transport"),
+            fleet: loaded.identity.id.fleet(),
+            pwsh: &loaded.config.pwsh,
         };
-        out.insert(h.name.clone(), reach);
+        out.insert(h.name.clone(), Reach::of(&h.transport, &at)?);
     }
     Ok(out)
 }

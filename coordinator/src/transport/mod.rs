@@ -2,8 +2,9 @@
 //! maps its own failures to the core's typed answers; none of them decides anything.
 //!
 //! [`HostTransport`] is the one seam the Host actor talks to: probe, execute, query. Adding a
-//! transport is a folder here (its connection and its `answers` mapping), a variant of
-//! [`Reach`] and of [`HostTransport`], and its inventory enum in `core::config`.
+//! transport is a folder here (its connection, its `answers` mapping and the function that reads
+//! its inventory entry into a [`Reach`]), a variant of [`Reach`] and of [`HostTransport`], and
+//! its inventory enum in `core::config` (which the operation hash in `core::plan` binds).
 
 pub mod agent;
 pub mod pwsh;
@@ -17,6 +18,7 @@ use tollgate_protocol::agent::{
 };
 use tollgate_protocol::outcome::ReasonCode;
 
+use crate::config::{ConfigError, Transport};
 use crate::core::facts::ProbeFailure;
 use crate::core::run::StepResult;
 
@@ -38,6 +40,38 @@ pub enum Reach {
     Unsupported {
         reason: String,
     },
+}
+
+/// Where an inventory entry is read: for errors that name the file and key, and the settings
+/// every transport may need.
+#[derive(Debug, Clone)]
+pub struct ReachContext<'a> {
+    /// The inventory file label.
+    pub inventory: &'a str,
+    /// The entry's key (`hosts[N].transport`).
+    pub key: String,
+    /// The coordinator's fleet (an agent must belong to it).
+    pub fleet: &'a str,
+    /// The `pwsh` executable from `coordinator.toml`.
+    pub pwsh: &'a str,
+}
+
+impl ReachContext<'_> {
+    /// A refusal of `sub` (a key under this entry).
+    pub fn invalid(&self, sub: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::invalid(self.inventory, format!("{}.{sub}", self.key), reason)
+    }
+}
+
+impl Reach {
+    /// How the inventory's `transport` entry is reached; each transport reads its own.
+    pub fn of(transport: &Transport, at: &ReachContext<'_>) -> Result<Reach, ConfigError> {
+        match transport {
+            Transport::Agent(a) => agent::reach(a, at),
+            Transport::PsRemoting(p) => Ok(pwsh::reach_remote(p, at)),
+            Transport::Local => Ok(pwsh::reach_local(at)),
+        }
+    }
 }
 
 /// One host's connection, whichever transport reaches it.

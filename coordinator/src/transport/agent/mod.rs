@@ -6,6 +6,9 @@
 //! host as the Host actor sees it (dialling, back-off, typed answers).
 
 pub mod host;
+mod reach;
+
+pub use reach::reach;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -45,6 +45,7 @@ mod error;
 mod invoke;
 mod lifecycle;
 mod probe;
+mod reach;
 mod script_file;
 mod session;
 mod settings;
@@ -54,6 +55,7 @@ pub use cancel::Canceller;
 pub use contract::ScriptError;
 pub use error::{RefusalCode, SessionError};
 pub use lifecycle::{CREDENTIAL_REF_ENV, HelloInfo, SessionHealth};
+pub use reach::{reach_local, reach_remote};
 pub use script_file::SESSION_HOST_SCRIPT;
 pub use session::PwshSession;
 pub use settings::{
