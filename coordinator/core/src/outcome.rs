@@ -238,6 +238,46 @@ impl RunResult {
     }
 }
 
+/// The outcome a run's `run_finished` journal line stands for, rebuilt after a restart from what
+/// the line keeps: its outcome kind, reason, rule, detail and step. Host lists are not kept, so a
+/// partial success comes back without them. A line without a known kind is read as blocked:
+/// nothing more may happen in that run.
+pub fn outcome_from_journal(
+    kind: Option<OutcomeKind>,
+    reason: ReasonCode,
+    rule: Option<String>,
+    detail: String,
+    step: Option<String>,
+) -> Outcome {
+    let blocked = |rule: Option<String>| Outcome::PolicyBlocked {
+        reason,
+        rule: rule.unwrap_or_default(),
+    };
+    match kind {
+        Some(OutcomeKind::Completed) => Outcome::Completed,
+        Some(OutcomeKind::PartialSuccess) => Outcome::PartialSuccess {
+            succeeded: Vec::new(),
+            failed: Vec::new(),
+        },
+        Some(OutcomeKind::EscalationRequired) => Outcome::EscalationRequired {
+            rule: rule.unwrap_or_default(),
+            next_command: detail,
+        },
+        Some(OutcomeKind::PreflightFailed) => Outcome::PreflightFailed { reason },
+        Some(OutcomeKind::TransportUnreachable) => Outcome::TransportUnreachable { reason },
+        Some(OutcomeKind::CapabilityMismatch) => Outcome::CapabilityMismatch { capability: detail },
+        Some(OutcomeKind::ExecutionFailed) => Outcome::ExecutionFailed {
+            step_id: step.unwrap_or_default(),
+            reason,
+            exit_code: None,
+        },
+        // A run that finished awaiting approval was closed without its token: it is blocked.
+        Some(OutcomeKind::PolicyBlocked | OutcomeKind::ConfirmationRequired) | None => {
+            blocked(rule)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,5 +319,43 @@ mod tests {
         for o in all {
             assert_eq!(o.to_wire().kind(), o.kind(), "{o:?}");
         }
+    }
+
+    #[test]
+    fn every_kind_comes_back_from_the_journal_as_itself_but_an_unapproved_wait_is_blocked() {
+        use OutcomeKind as K;
+        for kind in [
+            K::Completed,
+            K::PartialSuccess,
+            K::PolicyBlocked,
+            K::EscalationRequired,
+            K::ConfirmationRequired,
+            K::PreflightFailed,
+            K::TransportUnreachable,
+            K::CapabilityMismatch,
+            K::ExecutionFailed,
+        ] {
+            let back = outcome_from_journal(
+                Some(kind),
+                ReasonCode::OutcomeUncertain,
+                Some("R".into()),
+                "d".into(),
+                None,
+            );
+            let want = if kind == K::ConfirmationRequired {
+                K::PolicyBlocked
+            } else {
+                kind
+            };
+            assert_eq!(back.kind(), want, "{kind:?}");
+        }
+        let unknown = outcome_from_journal(
+            None,
+            ReasonCode::OutcomeUncertain,
+            None,
+            String::new(),
+            None,
+        );
+        assert_eq!(unknown.kind(), K::PolicyBlocked);
     }
 }

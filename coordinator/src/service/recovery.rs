@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 
 use actix::prelude::*;
 use tollgate_protocol::Mode;
-use tollgate_protocol::outcome::{Outcome, OutcomeKind, ReasonCode, RunReport};
+use tollgate_protocol::outcome::{OutcomeKind, ReasonCode, RunReport};
 use uuid::Uuid;
 
 use crate::core::closed::{OpenRun, StepFact, close_after_restart, in_flight};
 use crate::core::ledger::{Known, OnRestart, RunRecord, Stage, on_restart};
+use crate::core::outcome::outcome_from_journal;
 use crate::core::timeline::EventKind;
 use crate::journal::chain::{Line, parse_line};
 use crate::journal::summary;
@@ -60,31 +61,8 @@ pub fn report_from_journal(
         .unwrap_or(ReasonCode::OutcomeUncertain);
     let rule = finished.and_then(|l| l.rule.clone());
     let detail = input(finished, "detail").unwrap_or_default();
-    let outcome = match kind {
-        Some(OutcomeKind::Completed) => Outcome::Completed,
-        Some(OutcomeKind::PartialSuccess) => Outcome::PartialSuccess {
-            succeeded: Vec::new(),
-            failed: Vec::new(),
-        },
-        Some(OutcomeKind::EscalationRequired) => Outcome::EscalationRequired {
-            rule: rule.clone().unwrap_or_default(),
-            next_command: detail.clone(),
-        },
-        Some(OutcomeKind::PreflightFailed) => Outcome::PreflightFailed { reason },
-        Some(OutcomeKind::TransportUnreachable) => Outcome::TransportUnreachable { reason },
-        Some(OutcomeKind::CapabilityMismatch) => Outcome::CapabilityMismatch {
-            capability: detail.clone(),
-        },
-        Some(OutcomeKind::ExecutionFailed) => Outcome::ExecutionFailed {
-            step_id: finished.and_then(|l| l.step.clone()).unwrap_or_default(),
-            reason,
-            exit_code: None,
-        },
-        _ => Outcome::PolicyBlocked {
-            reason,
-            rule: rule.clone().unwrap_or_default(),
-        },
-    };
+    let step = finished.and_then(|l| l.step.clone());
+    let outcome = outcome_from_journal(kind, reason, rule.clone(), detail.clone(), step);
     let requested_mode = mode_of(started.and_then(|l| l.inputs.get("requested_mode")));
     let effective_mode = lines
         .iter()
