@@ -23,6 +23,45 @@ pub trait Fleet {
     fn homes(&self) -> BTreeMap<String, PathBuf>;
 }
 
+/// Full teardown of `hosts` on `fleet` up to a token: erin asks, alice approves (and bob when two
+/// are needed); the requester never approves her own run. Returns (run id, token, operation hash).
+pub async fn approved_teardown<F: Fleet>(
+    fleet: &F,
+    hosts: &str,
+) -> anyhow::Result<(String, String, String)> {
+    use anyhow::Context as _;
+    let run = uuid::Uuid::new_v4().to_string();
+    let out = fleet
+        .run_cli(
+            "erin",
+            &[
+                "teardown", "--mode", "full", "--hosts", hosts, "--run", &run,
+            ],
+        )
+        .await?;
+    anyhow::ensure!(
+        out.outcome() == "ConfirmationRequired",
+        "expected ConfirmationRequired: {out:?}"
+    );
+    let hash = out.json()["outcome"]["ConfirmationRequired"]["operation_hash"]
+        .as_str()
+        .context("operation hash")?
+        .to_string();
+    for who in ["alice", "bob"] {
+        let a = fleet
+            .run_cli(who, &["approve", &run, "--operation-hash", &hash])
+            .await?;
+        if let Some(t) = a.json()["token"].as_str() {
+            return Ok((run, t.to_string(), hash));
+        }
+        anyhow::ensure!(
+            a.code == 12,
+            "approval by {who} neither issued nor recorded: {a:?}"
+        );
+    }
+    anyhow::bail!("no token issued for {run}")
+}
+
 impl Fleet for crate::lab::Lab {
     fn run_cli(
         &self,

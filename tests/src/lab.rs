@@ -92,6 +92,17 @@ pub struct CliOut {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for CliOut {
+    /// A finished CLI process: its status (-1 when killed by a signal) and its output as text.
+    fn from(out: std::process::Output) -> Self {
+        CliOut {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl CliOut {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout).unwrap_or(serde_json::Value::Null)
@@ -328,11 +339,7 @@ impl Lab {
         )
         .await
         .context("tollgate CLI did not finish in 120 s")??;
-        Ok(CliOut {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        Ok(CliOut::from(out))
     }
 
     /// Starts `tollgate ARGS --json` as `who` in the background (for acting while it runs).
@@ -351,50 +358,13 @@ impl Lab {
                 .env("TOLLGATE_CLIENT", client)
                 .output()
                 .await?;
-            Ok(CliOut {
-                code: out.status.code().unwrap_or(-1),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            })
+            Ok(CliOut::from(out))
         })
     }
 
-    /// Full teardown of `hosts` up to a token: submitted by erin, approved by alice (and bob
-    /// if two are needed): the requester never approves her own run. Returns (run id, token,
-    /// operation hash).
+    /// Full teardown of `hosts` up to a token ([`crate::invariants::approved_teardown`]).
     pub async fn approved_teardown(&self, hosts: &str) -> anyhow::Result<(String, String, String)> {
-        let run = uuid::Uuid::new_v4().to_string();
-        let out = self
-            .cli(
-                "erin",
-                &[
-                    "teardown", "--mode", "full", "--hosts", hosts, "--run", &run,
-                ],
-            )
-            .await?;
-        anyhow::ensure!(
-            out.outcome() == "ConfirmationRequired",
-            "expected ConfirmationRequired: {out:?}"
-        );
-        let hash = out.json()["outcome"]["ConfirmationRequired"]["operation_hash"]
-            .as_str()
-            .context("hash")?
-            .to_string();
-        let mut token = None;
-        for who in ["alice", "bob"] {
-            let a = self
-                .cli(who, &["approve", &run, "--operation-hash", &hash])
-                .await?;
-            if let Some(t) = a.json()["token"].as_str() {
-                token = Some(t.to_string());
-                break;
-            }
-            anyhow::ensure!(
-                a.code == 12,
-                "approval by {who} neither issued nor recorded: {a:?}"
-            );
-        }
-        Ok((run, token.context("no token issued")?, hash))
+        crate::invariants::approved_teardown(self, hosts).await
     }
 }
 

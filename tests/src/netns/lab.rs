@@ -312,11 +312,7 @@ impl NetLab {
         let out = tokio::time::timeout(Duration::from_secs(150), cmd.output())
             .await
             .with_context(|| format!("`tollgate {}` did not answer in 150 s", args.join(" ")))??;
-        Ok(CliOut {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        Ok(CliOut::from(out))
     }
 
     /// Starts `tollgate ARGS --json` as `who` in the background (to inject faults while it runs);
@@ -332,48 +328,13 @@ impl NetLab {
             let out = tokio::time::timeout(Duration::from_secs(150), cmd.output())
                 .await
                 .with_context(|| format!("`tollgate {what}` did not answer in 150 s"))??;
-            Ok(CliOut {
-                code: out.status.code().unwrap_or(-1),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            })
+            Ok(CliOut::from(out))
         }))
     }
 
-    /// Full teardown of `hosts` up to a token: erin asks, alice approves (and bob when two are
-    /// needed); the requester never approves her own run.
-    /// Returns (run id, token, operation hash).
+    /// Full teardown of `hosts` up to a token ([`crate::invariants::approved_teardown`]).
     pub async fn approved_teardown(&self, hosts: &str) -> anyhow::Result<(String, String, String)> {
-        let run = uuid::Uuid::new_v4().to_string();
-        let out = self
-            .cli(
-                "erin",
-                &[
-                    "teardown", "--mode", "full", "--hosts", hosts, "--run", &run,
-                ],
-            )
-            .await?;
-        anyhow::ensure!(
-            out.outcome() == "ConfirmationRequired",
-            "expected ConfirmationRequired: {out:?}"
-        );
-        let hash = out.json()["outcome"]["ConfirmationRequired"]["operation_hash"]
-            .as_str()
-            .context("operation hash")?
-            .to_string();
-        for who in ["alice", "bob"] {
-            let a = self
-                .cli(who, &["approve", &run, "--operation-hash", &hash])
-                .await?;
-            if let Some(t) = a.json()["token"].as_str() {
-                return Ok((run, t.to_string(), hash));
-            }
-            anyhow::ensure!(
-                a.code == 12,
-                "approval by {who} neither issued nor recorded: {a:?}"
-            );
-        }
-        anyhow::bail!("no token issued for {run}")
+        crate::invariants::approved_teardown(self, hosts).await
     }
 
     /// Validates every `summary.json` against the published schema; returns how many.
@@ -394,11 +355,7 @@ impl Fleet for NetLab {
             let out = tokio::time::timeout(Duration::from_secs(150), cmd?.output())
                 .await
                 .with_context(|| format!("`tollgate {what}` did not answer in 150 s"))??;
-            Ok(CliOut {
-                code: out.status.code().unwrap_or(-1),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            })
+            Ok(CliOut::from(out))
         }
     }
 
