@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_protocol::error_chain::chain;
 
 use tollgate_certs::files::Overwrite;
 use tollgate_certs::pki::{Pki, RevokeTarget, Validity};
@@ -49,18 +50,6 @@ impl Fleet {
     fn id(&self, role: Role, name: Option<&str>) -> SpiffeId {
         SpiffeId::new(self.pki.fleet(), role, name).unwrap()
     }
-}
-
-/// An error and all its sources, so a wrapped cause is visible.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        src = s.source();
-    }
-    text
 }
 
 #[derive(Debug)]

@@ -27,7 +27,7 @@ use tollgate_protocol::ctl::{CtlRequest, CtlResponse, ProgressEvent};
 use tollgate_protocol::io::{read_frame, write_frame};
 use tollgate_protocol::{CTL_ALPN, ConfigError, FrameLimits, SUPPORTED};
 
-use crate::error_chain::chain;
+use tollgate_protocol::error_chain::chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -12,7 +12,6 @@ pub mod client;
 pub mod config;
 pub use tollgate_core as core;
 pub mod diff;
-pub mod error_chain;
 pub mod exit;
 pub mod explain;
 pub mod journal;

@@ -1,22 +1,7 @@
 //! What the CLI prints (exit statuses are [`crate::exit`]'s).
 //!
-//! | exit | meaning |
-//! |---|---|
-//! | 0 | `Completed` (or a query answered) |
-//! | 2 | bad usage or configuration |
-//! | 3 | the coordinator could not be reached, or refused our certificate |
-//! | 4 | the coordinator refused the request (not authorized, unknown run, ...) |
-//! | 5 | `runs verify` (or `runs diff`) found tampering, or the run named is missing or unreadable |
-//! | 6 | `runs diff`: the two runs took different decisions |
-//! | 10 | `EscalationRequired`: run the printed command |
-//! | 11 | `ConfirmationRequired`: an approver must approve the printed plan |
-//! | 12 | an approval was recorded; another approver is needed |
-//! | 20 | `PolicyBlocked` |
-//! | 21 | `PreflightFailed` |
-//! | 22 | `TransportUnreachable` |
-//! | 23 | `CapabilityMismatch` |
-//! | 24 | `ExecutionFailed` |
-//! | 25 | `PartialSuccess` |
+//! The exit-code table lives in one place, `crate::exit`, and the README's copy is tested
+//! against it (`tests/exit_codes.rs`).
 
 use std::fmt::Write;
 

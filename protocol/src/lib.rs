@@ -19,6 +19,7 @@ pub mod agent;
 pub mod config_error;
 pub mod ctl;
 pub mod error;
+pub mod error_chain;
 pub mod frame;
 #[cfg(feature = "io")]
 pub mod io;

@@ -24,7 +24,7 @@ use tollgate_protocol::agent::{
 use tollgate_protocol::io::{read_frame, write_frame};
 use tollgate_protocol::{AGENT_ALPN, FrameError, FrameLimits, SUPPORTED};
 
-use crate::error_chain::chain;
+use tollgate_protocol::error_chain::chain;
 
 /// Why talking to an agent failed.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -1,5 +1,6 @@
 //! An error and all its sources on one line, `outer: cause: root cause`, so a wrapped reason
-//! (a TLS alert inside a QUIC close inside a connect error) reaches the operator. The one copy.
+//! (a TLS alert inside a QUIC close inside a connect error) reaches the operator. The one copy,
+//! here because every crate of the workspace may need it.
 
 /// `e`, then each of its sources, joined by `": "`.
 pub fn chain(e: &dyn std::error::Error) -> String {
