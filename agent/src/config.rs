@@ -205,7 +205,10 @@ pub fn parse(text: &str, file: &Path) -> Result<AgentConfig, AgentError> {
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<AgentConfig, AgentError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AgentError::io(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        file: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
     parse(&text, path)
 }
 

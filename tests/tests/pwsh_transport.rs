@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tollgate_coordinator::core::facts::ProbeFailure;
 use tollgate_coordinator::transport::pwsh::{
-    Backoff, PwshMode, PwshSession, PwshSettings, SessionError, SessionHealth, WinRmAuth,
-    WinRmTarget,
+    Backoff, PwshMode, PwshSession, PwshSettings, RefusalCode, SessionError, SessionHealth,
+    WinRmAuth, WinRmTarget,
 };
 use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{
@@ -583,6 +584,31 @@ async fn garbage_is_a_protocol_error_and_the_child_is_replaced() {
         "{e:?}"
     );
     assert_eq!(s.spawns(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_host_answering_in_another_contract_version_is_a_version_mismatch() {
+    let fx = Fixture::new();
+    fx.faults("hello-version=2\n");
+    let mut s = fx.local();
+    let e = probe(&mut s, None, Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SessionError::Refused {
+                code: RefusalCode::UnsupportedVersion,
+                ref message,
+            } if message.contains("contract v2")
+        ),
+        "{e:?}"
+    );
+    assert!(!e.is_transient());
+    assert_eq!(
+        tollgate_coordinator::transport::pwsh::answers::probe_failure(&e),
+        ProbeFailure::VersionMismatch
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -267,3 +267,35 @@ impl TimelineEvent {
         self.verdict.is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A verdict missing from `ALL` would not parse back from a journal, and its lines would
+    /// drop out of `explain`. A new variant stops this match compiling; the count then wants it
+    /// in `ALL`.
+    #[test]
+    fn every_verdict_is_listed_once_and_parses_back() {
+        let listed = |v: Verdict| match v {
+            Verdict::Allow
+            | Verdict::Block
+            | Verdict::Escalate
+            | Verdict::AwaitConfirmation
+            | Verdict::Retry
+            | Verdict::Skip
+            | Verdict::Query
+            | Verdict::Fail
+            | Verdict::Complete => Verdict::ALL.iter().filter(|w| **w == v).count(),
+        };
+        for v in Verdict::ALL {
+            assert_eq!(listed(v), 1, "{v:?}");
+            assert_eq!(Verdict::parse(v.as_str()), Some(v));
+        }
+        assert_eq!(Verdict::ALL.len(), 9);
+        for k in EventKind::ALL {
+            assert_eq!(EventKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(Verdict::parse("maybe"), None);
+    }
+}

@@ -311,8 +311,14 @@ impl Host {
             );
             std::process::exit(2);
         }
+        // A session host of another release: it answers hello in its own contract version.
+        let v = if self.faults.has("hello-version=2") {
+            2
+        } else {
+            1
+        };
         send(&json!({
-            "id": id, "type": "hello", "v": 1, "software": "tollgate-pwsh-standin/1",
+            "id": id, "type": "hello", "v": v, "software": "tollgate-pwsh-standin/1",
             "ps_version": "7.4.6-standin", "mode": self.args.mode, "instance": self.instance,
         }));
     }

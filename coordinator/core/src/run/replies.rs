@@ -68,7 +68,14 @@ pub fn reply_for(run_id: Uuid, effect: &Effect) -> Option<Reply> {
             rule: Some(rule),
             detail: detail.clone(),
         }),
-        _ => None,
+        Effect::Record(_)
+        | Effect::Probe { .. }
+        | Effect::ConsumeToken { .. }
+        | Effect::Check(_)
+        | Effect::Dispatch(_)
+        | Effect::QueryIdempotency { .. }
+        | Effect::WakeAt { .. }
+        | Effect::Finish(_) => None,
     }
 }
 
@@ -88,6 +95,15 @@ pub fn shadow_answer(effect: &Effect) -> Option<Input> {
             idempotency_key: d.idempotency_key.clone(),
             result: StepResult::Succeeded,
         }),
-        _ => None,
+        // Named one by one: a new effect that touches a host must be decided here, or a shadow
+        // run would perform it for real.
+        Effect::Record(_)
+        | Effect::Probe { .. }
+        | Effect::AwaitConfirmation { .. }
+        | Effect::TokenRejected { .. }
+        | Effect::ConsumeToken { .. }
+        | Effect::QueryIdempotency { .. }
+        | Effect::WakeAt { .. }
+        | Effect::Finish(_) => None,
     }
 }

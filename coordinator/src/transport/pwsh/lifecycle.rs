@@ -8,7 +8,7 @@ use super::contract::{CONTRACT_VERSION, Request, Response};
 use super::error::fail_error;
 use super::settings::resolve_program;
 use super::wire::Broken;
-use super::{PwshSession, SessionError};
+use super::{PwshSession, RefusalCode, SessionError};
 
 /// The environment variable through which the child receives the credential reference.
 pub const CREDENTIAL_REF_ENV: &str = "TOLLGATE_CREDENTIAL_REF";
@@ -192,9 +192,12 @@ impl PwshSession {
                 instance,
             } if r == id => {
                 if v != CONTRACT_VERSION {
-                    return Err(SessionError::Protocol(format!(
-                        "the session host speaks contract v{v}, this coordinator v{CONTRACT_VERSION}"
-                    )));
+                    return Err(SessionError::Refused {
+                        code: RefusalCode::UnsupportedVersion,
+                        message: format!(
+                            "the session host speaks contract v{v}, this coordinator v{CONTRACT_VERSION}"
+                        ),
+                    });
                 }
                 Ok(HelloInfo {
                     software,
