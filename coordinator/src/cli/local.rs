@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tollgate_certs::pki::RevokeTarget;
 use tollgate_coordinator::{exit, journal, pki};
-use tollgate_protocol::ctl::{CtlResponse, VerifyReport};
+use tollgate_protocol::ctl::CtlResponse;
 use uuid::Uuid;
 
 use super::args::CertsCommand;
@@ -122,14 +122,5 @@ fn verify_offline(run: Option<Uuid>, dir: &Path, key: &Path, json: bool) -> u8 {
         return exit::USAGE;
     };
     let r = journal::verify_run_dir(dir, run_id, &public_key);
-    show::show(
-        CtlResponse::Verified(VerifyReport {
-            run_id,
-            ok: r.ok,
-            events: r.events,
-            first_bad_line: r.first_bad_line,
-            problem: r.problem,
-        }),
-        json,
-    )
+    show::show(CtlResponse::Verified(r.to_wire(run_id)), json)
 }

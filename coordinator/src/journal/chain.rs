@@ -231,6 +231,19 @@ pub struct VerifyReport {
     pub last_hash: String,
 }
 
+impl VerifyReport {
+    /// What the CLI is told about run `run_id`.
+    pub fn to_wire(&self, run_id: Uuid) -> tollgate_protocol::ctl::VerifyReport {
+        tollgate_protocol::ctl::VerifyReport {
+            run_id,
+            ok: self.ok,
+            events: self.events,
+            first_bad_line: self.first_bad_line,
+            problem: self.problem.clone(),
+        }
+    }
+}
+
 /// Checks every line of a timeline: canonical form, sequence, chain and hash. When `anchor`
 /// (expected event count and last hash, from the signed summary) is given, a shorter or longer
 /// file fails too.

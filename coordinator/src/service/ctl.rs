@@ -7,9 +7,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::mpsc;
 use tollgate_protocol::agent::HelloAck;
-use tollgate_protocol::ctl::{
-    CtlError, CtlErrorCode, CtlRequest, CtlResponse, DiffReport, VerifyReport,
-};
+use tollgate_protocol::ctl::{CtlError, CtlErrorCode, CtlRequest, CtlResponse, DiffReport};
 use tollgate_protocol::io::{read_frame, write_frame};
 use tollgate_protocol::{FrameError, FrameLimits, SUPPORTED, negotiate};
 use uuid::Uuid;
@@ -333,13 +331,7 @@ async fn answer(ctx: &CtlContext, peer: &str, req: CtlRequest) -> CtlResponse {
             }
             let head = ctx.recorder.send(Head { run_id }).await.ok().flatten();
             let r = journal::verify_run_dir_open(&dir, run_id, &ctx.public_key, head);
-            CtlResponse::Verified(VerifyReport {
-                run_id,
-                ok: r.ok,
-                events: r.events,
-                first_bad_line: r.first_bad_line,
-                problem: r.problem,
-            })
+            CtlResponse::Verified(r.to_wire(run_id))
         }
         CtlRequest::Explain { run_id } => {
             let Some(t) = read_timeline(ctx, run_id).await else {

@@ -159,16 +159,7 @@ impl Ctx {
                     };
                     return self.finish(out, end, &decision.hosts);
                 }
-                let end = RunEnd {
-                    outcome: TypedOutcome::PolicyBlocked {
-                        reason: *reason,
-                        rule: run.rule,
-                    },
-                    reason: *reason,
-                    rule: run.rule,
-                    verdict: Verdict::Block,
-                    detail: run.detail.clone(),
-                };
+                let end = RunEnd::blocked(*reason, run.rule, run.detail.clone());
                 self.finish(out, end, &decision.hosts)
             }
             Decision::NothingToDo => {
@@ -255,13 +246,7 @@ impl Ctx {
                         rules::R002_UNCERTAIN_DATA_NEVER_ALLOWS,
                     ),
                 };
-                let end = RunEnd {
-                    outcome: TypedOutcome::PolicyBlocked { reason, rule },
-                    reason,
-                    rule,
-                    verdict: Verdict::Block,
-                    detail: e.to_string(),
-                };
+                let end = RunEnd::blocked(reason, rule, e.to_string());
                 Err(self.finish(out, end, &decision.hosts))
             }
         }

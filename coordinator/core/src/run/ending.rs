@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use tollgate_protocol::outcome::ReasonCode;
 
 use crate::lifecycle::LifecycleEvent;
-use crate::outcome::{HostResult, RunResult, TypedOutcome};
+use crate::outcome::{HostResult, RunResult};
 use crate::plan::Plan;
 use crate::policy::{Decision, Ruling, TokenEvidence};
 use crate::rules::{self};
-use crate::timeline::{EventKind, Verdict};
+use crate::timeline::EventKind;
 use crate::token::{self};
 
 use super::exec::{Execution, Next};
@@ -36,16 +36,11 @@ impl Ctx {
 
     pub(super) fn cancel_before_execution(&mut self, out: &mut Out, reason: &str) -> Stage {
         let decision = self.evaluate(TokenEvidence::NotPresented);
-        let end = RunEnd {
-            outcome: TypedOutcome::PolicyBlocked {
-                reason: ReasonCode::Cancelled,
-                rule: rules::E011_CANCELLED,
-            },
-            reason: ReasonCode::Cancelled,
-            rule: rules::E011_CANCELLED,
-            verdict: Verdict::Block,
-            detail: format!("cancelled before execution: {reason}"),
-        };
+        let end = RunEnd::blocked(
+            ReasonCode::Cancelled,
+            rules::E011_CANCELLED,
+            format!("cancelled before execution: {reason}"),
+        );
         self.finish(out, end, &decision.hosts)
     }
 
@@ -74,13 +69,11 @@ impl Ctx {
             ReasonCode::HostUnknown,
             rules::R002_UNCERTAIN_DATA_NEVER_ALLOWS,
         );
-        let end = RunEnd {
-            outcome: TypedOutcome::PolicyBlocked { reason, rule },
+        let end = RunEnd::blocked(
             reason,
             rule,
-            verdict: Verdict::Block,
-            detail: format!("the inventory entry of {names} changed; submit the intent again"),
-        };
+            format!("the inventory entry of {names} changed; submit the intent again"),
+        );
         self.finish(out, end, &[])
     }
 

@@ -126,6 +126,19 @@ pub(crate) struct RunEnd {
     detail: String,
 }
 
+impl RunEnd {
+    /// The run ends blocked by `rule` for `reason`.
+    fn blocked(reason: ReasonCode, rule: RuleId, detail: String) -> Self {
+        RunEnd {
+            outcome: TypedOutcome::PolicyBlocked { reason, rule },
+            reason,
+            rule,
+            verdict: Verdict::Block,
+            detail,
+        }
+    }
+}
+
 /// The run's data that outlives stages.
 #[derive(Debug)]
 pub(crate) struct Ctx {

@@ -8,7 +8,6 @@ use super::{Execution, Next, Part};
 use crate::barrier::{BarrierDecision, BarrierInput, evaluate_barrier};
 use crate::facts::ProbeOutcome;
 use crate::lifecycle::{HostState, LifecycleEvent};
-use crate::outcome::TypedOutcome;
 use crate::policy::TokenEvidence;
 use crate::run::admission::scope_of;
 use crate::run::{Ctx, Out, RunEnd, RunError, probe_event};
@@ -180,13 +179,11 @@ impl Execution {
                 ..
             } => {
                 self.barrier_passed = None;
-                let end = RunEnd {
-                    outcome: TypedOutcome::PolicyBlocked { reason, rule },
+                let end = RunEnd::blocked(
                     reason,
                     rule,
-                    verdict: Verdict::Block,
-                    detail: format!("barrier before phase {phase_name} blocked: {detail}"),
-                };
+                    format!("barrier before phase {phase_name} blocked: {detail}"),
+                );
                 self.stop_with(ctx, out, end)
             }
         }

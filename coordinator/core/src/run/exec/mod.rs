@@ -224,16 +224,11 @@ impl Execution {
         );
         self.cancelled = true;
         if matches!(self.part, Part::Barrier { .. }) {
-            let end = RunEnd {
-                outcome: TypedOutcome::PolicyBlocked {
-                    reason: ReasonCode::Cancelled,
-                    rule: rules::E011_CANCELLED,
-                },
-                reason: ReasonCode::Cancelled,
-                rule: rules::E011_CANCELLED,
-                verdict: Verdict::Block,
-                detail: format!("cancelled: {reason}"),
-            };
+            let end = RunEnd::blocked(
+                ReasonCode::Cancelled,
+                rules::E011_CANCELLED,
+                format!("cancelled: {reason}"),
+            );
             return self.stop_with(ctx, out, end);
         }
         let waiting: Vec<String> = self
@@ -449,13 +444,7 @@ impl Execution {
                 detail: format!("failed on {}; later phases did not run", failed.join(", ")),
             }
         } else {
-            RunEnd {
-                outcome: TypedOutcome::PolicyBlocked { reason, rule },
-                reason,
-                rule,
-                verdict: Verdict::Block,
-                detail: "stopped before every phase ran".into(),
-            }
+            RunEnd::blocked(reason, rule, "stopped before every phase ran".into())
         };
         self.stop_with(ctx, out, end)
     }
