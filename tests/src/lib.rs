@@ -10,5 +10,8 @@ pub mod lab;
 pub mod netns;
 pub mod operations;
 pub mod proc;
+pub mod real;
 pub mod results;
 pub mod seeds;
+#[cfg(target_os = "linux")]
+pub mod sshd;

@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tollgate_coordinator::transport::pwsh::{
-    PwshMode, PwshSession, PwshSettings, SessionHealth, resolve_program,
-};
+use tollgate_coordinator::transport::pwsh::{PwshMode, PwshSession, PwshSettings, SessionHealth};
 use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{
     ExecResult, ExecStatus, ExecuteRequest, IdempotencyStatus, OutputChunk, ProbeRequest, Script,
@@ -21,22 +19,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 /// `pwsh` from PATH, or `None` after saying that these tests did not run.
 fn real_pwsh() -> Option<PathBuf> {
-    match resolve_program(Path::new("pwsh")) {
-        Ok(p) => Some(p),
-        Err(e) if std::env::var_os("TOLLGATE_REQUIRE_PWSH").is_some_and(|v| v == "1") => {
-            panic!("TOLLGATE_REQUIRE_PWSH=1 but pwsh is not usable: {e}")
-        }
-        Err(e) => {
-            // Straight to the process's stderr, past the test harness's output capture, so the
-            // notice shows in every run (CI included), not only on failure.
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "pwsh not on PATH: real-pwsh tests did not run ({e})"
-            );
-            None
-        }
-    }
+    tollgate_tests::real::pwsh("real-pwsh tests")
 }
 
 fn session(pwsh: PathBuf, dir: &tempfile::TempDir) -> PwshSession {

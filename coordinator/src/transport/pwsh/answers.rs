@@ -10,10 +10,13 @@ use super::{RefusalCode, SessionError};
 /// A failed probe's typed cause.
 pub fn probe_failure(e: &SessionError) -> ProbeFailure {
     match e {
-        SessionError::PwshMissing { .. } => ProbeFailure::ShellUnavailable,
-        SessionError::AuthFailed(_) | SessionError::CredentialUnavailable(_) => {
-            ProbeFailure::AuthFailed
+        SessionError::PwshMissing { .. } | SessionError::PwshTooOld(_) => {
+            ProbeFailure::ShellUnavailable
         }
+        SessionError::AuthFailed(_)
+        | SessionError::CredentialUnavailable(_)
+        | SessionError::HostKeyUnknown(_)
+        | SessionError::HostKeyChanged(_) => ProbeFailure::AuthFailed,
         SessionError::Unreachable(_) => ProbeFailure::Unreachable,
         SessionError::Lost(_) => ProbeFailure::SessionBroken,
         SessionError::Timeout(_) => ProbeFailure::TimedOut,
@@ -47,13 +50,14 @@ pub fn step_failure(e: &SessionError) -> StepResult {
         } => StepResult::Transient {
             reason: ReasonCode::Unreachable,
         },
-        SessionError::AuthFailed(_) | SessionError::CredentialUnavailable(_) => {
-            StepResult::Permanent {
-                reason: ReasonCode::AuthFailed,
-                exit_code: None,
-            }
-        }
-        SessionError::PwshMissing { .. } => StepResult::Permanent {
+        SessionError::AuthFailed(_)
+        | SessionError::CredentialUnavailable(_)
+        | SessionError::HostKeyUnknown(_)
+        | SessionError::HostKeyChanged(_) => StepResult::Permanent {
+            reason: ReasonCode::AuthFailed,
+            exit_code: None,
+        },
+        SessionError::PwshMissing { .. } | SessionError::PwshTooOld(_) => StepResult::Permanent {
             reason: ReasonCode::ShellUnavailable,
             exit_code: None,
         },

@@ -166,6 +166,13 @@ pub enum FailCode {
     AuthFailed,
     /// The target could not be reached (transient; nothing ran).
     Unreachable,
+    /// SSH: the target's host key is not in the named known_hosts file (not transient; no
+    /// connection was made).
+    HostKeyUnknown,
+    /// SSH: the target offers a host key other than the pinned one (not transient).
+    HostKeyChanged,
+    /// This `pwsh` lacks what the mode needs (SSH: `New-PSSession -Options`, 7.3+).
+    PwshTooOld,
     /// The credential reference could not be resolved (not transient).
     CredentialUnavailable,
     /// The session to the target broke; the session host exits after saying so.
@@ -191,6 +198,9 @@ impl FailCode {
             FailCode::UnsupportedVersion => "unsupported_version",
             FailCode::AuthFailed => "auth_failed",
             FailCode::Unreachable => "unreachable",
+            FailCode::HostKeyUnknown => "host_key_unknown",
+            FailCode::HostKeyChanged => "host_key_changed",
+            FailCode::PwshTooOld => "pwsh_too_old",
             FailCode::CredentialUnavailable => "credential_unavailable",
             FailCode::SessionLost => "session_lost",
             FailCode::Busy => "busy",

@@ -26,6 +26,18 @@ pub enum SessionError {
     /// The target refused the credential. Not transient: retrying will not fix it.
     #[error("authentication failed: {0}")]
     AuthFailed(String),
+    /// SSH: the target's host key is not in the named known_hosts file; no connection was
+    /// made. Not transient: a person checks the key out of band and adds it.
+    #[error("host key unknown: {0}")]
+    HostKeyUnknown(String),
+    /// SSH: the target offers a host key other than the one pinned for it: reinstalled, or a
+    /// machine in between. Not transient; nothing was authenticated.
+    #[error("host key changed: {0}")]
+    HostKeyChanged(String),
+    /// The `pwsh` found cannot do what the mode needs (the message names the version found and
+    /// the version needed); nothing was sent. A capability mismatch for the host.
+    #[error("pwsh too old: {0}")]
+    PwshTooOld(String),
     /// The target could not be reached and nothing was sent (or nothing ran): safe to retry.
     #[error("unreachable: {0}")]
     Unreachable(String),
@@ -108,11 +120,14 @@ impl SessionError {
     /// The reason code this failure suggests (the caller may refine it, e.g. `ProbeTimeout`).
     pub fn reason(&self) -> ReasonCode {
         match self {
-            SessionError::PwshMissing { .. } => ReasonCode::ShellUnavailable,
-            SessionError::InvalidSettings(_) | SessionError::Setup(_) => ReasonCode::SpawnFailed,
-            SessionError::CredentialUnavailable(_) | SessionError::AuthFailed(_) => {
-                ReasonCode::AuthFailed
+            SessionError::PwshMissing { .. } | SessionError::PwshTooOld(_) => {
+                ReasonCode::ShellUnavailable
             }
+            SessionError::InvalidSettings(_) | SessionError::Setup(_) => ReasonCode::SpawnFailed,
+            SessionError::CredentialUnavailable(_)
+            | SessionError::AuthFailed(_)
+            | SessionError::HostKeyUnknown(_)
+            | SessionError::HostKeyChanged(_) => ReasonCode::AuthFailed,
             SessionError::Unreachable(_) => ReasonCode::Unreachable,
             SessionError::Lost(_) | SessionError::Protocol(_) => ReasonCode::SessionBroken,
             SessionError::Timeout(_) => ReasonCode::TimedOut,
@@ -138,6 +153,9 @@ pub(super) fn fail_error(
     match code {
         FailCode::AuthFailed => SessionError::AuthFailed(format!("{host}: {message}")),
         FailCode::Unreachable => SessionError::Unreachable(format!("{host}: {message}")),
+        FailCode::HostKeyUnknown => SessionError::HostKeyUnknown(format!("{host}: {message}")),
+        FailCode::HostKeyChanged => SessionError::HostKeyChanged(format!("{host}: {message}")),
+        FailCode::PwshTooOld => SessionError::PwshTooOld(format!("{host}: {message}")),
         FailCode::CredentialUnavailable => {
             SessionError::CredentialUnavailable(format!("{host}: {message}"))
         }

@@ -24,7 +24,10 @@
 //! | what happened | answer |
 //! |---|---|
 //! | `pwsh` not found at `pwsh_path` | `execute`: `ExecStatus::CapabilityMismatch` naming the path; others: [`SessionError::PwshMissing`] |
-//! | the target refused the credential | [`SessionError::AuthFailed`] (not transient) |
+//! | `pwsh` too old for the mode (SSH needs 7.3) | the same, [`SessionError::PwshTooOld`] naming both versions |
+//! | the target refused the credential (or, over SSH, took the connection and then refused the session) | [`SessionError::AuthFailed`] (not transient) |
+//! | SSH: the host key is not in the named `known_hosts` | [`SessionError::HostKeyUnknown`] (not transient; nothing connected) |
+//! | SSH: the host offers another key than the pinned one | [`SessionError::HostKeyChanged`] (not transient; nothing authenticated) |
 //! | the target cannot be reached, nothing sent | [`SessionError::Unreachable`] (transient) |
 //! | the session broke during a probe or query | [`SessionError::Lost`] (transient) |
 //! | the child wrote garbage | [`SessionError::Protocol`] (the child is restarted) |

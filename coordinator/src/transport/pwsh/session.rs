@@ -126,12 +126,12 @@ impl PwshSession {
         let connect_deadline = Instant::now() + self.settings.connect_timeout;
         match self.ensure_ready(connect_deadline).await {
             Ok(()) => {}
-            Err(SessionError::PwshMissing { detail, .. }) => {
+            Err(e @ (SessionError::PwshMissing { .. } | SessionError::PwshTooOld(_))) => {
                 return Ok(ExecResult {
                     idempotency_key: req.idempotency_key,
                     status: ExecStatus::CapabilityMismatch {
                         shell: Shell::Pwsh,
-                        detail: format!("pwsh not found: {detail}"),
+                        detail: e.to_string(),
                     },
                     duration_ms: 0,
                     stdout_truncated: false,

@@ -29,6 +29,10 @@ param(
     [string]$ConfigurationName,
     [string]$UserName,
     [string]$KeyFilePath,
+    [string]$KnownHostsFile,
+    [string]$Subsystem,
+    [string]$SshOptions,
+    [int]$ConnectTimeoutSec = 0,
     [string]$StateDir
 )
 
@@ -410,10 +414,122 @@ function Get-OpenFailureCode($Record) {
         $code = $Record.Exception.ErrorCode
     }
     $denied = 'Access is denied|access denied|Permission denied|logon failure|user name or password|' +
-        'password is incorrect|authentication fail|Authentication failure|credentials were rejected|' +
-        'Host key verification failed'
+        'password is incorrect|authentication fail|Authentication failure|credentials were rejected'
     if ($code -in 5, 1326, 1909 -or $text -match $denied) { return 'auth_failed' }
     'unreachable'
+}
+
+# An open failure that carries its own code, decided before or without reading any message.
+class TgOpenFailure : System.Exception {
+    [string]$Code
+    TgOpenFailure([string]$Code, [string]$Message) : base($Message) { $this.Code = $Code }
+}
+
+function Get-SshHostSpec {
+    # How known_hosts names the target: "name" on port 22, "[name]:port" otherwise.
+    if ($Port -gt 0 -and $Port -ne 22) { return "[$HostName]:$Port" }
+    $HostName
+}
+
+function Test-SshHostKeyKnown {
+    # ssh-keygen -F answers by its exit code (0: an entry, 1: none), hashed entries included.
+    $spec = Get-SshHostSpec
+    $null = & ssh-keygen -F $spec -f $KnownHostsFile 2>&1
+    $LASTEXITCODE -eq 0
+}
+
+function Test-SshHostKeyChanged([int]$SshPort) {
+    # Only after a refused session: does any key the host offers now match a pinned one?
+    # ssh-keyscan does not authenticate; its lines and ssh-keygen -F's share "type base64".
+    $pinned = @(& ssh-keygen -F (Get-SshHostSpec) -f $KnownHostsFile 2>$null |
+        Where-Object { $_ -and -not $_.StartsWith('#') } |
+        ForEach-Object { ($_ -split '\s+')[1..2] -join ' ' })
+    $offered = @(& ssh-keyscan -T 5 -p $SshPort $HostName 2>$null |
+        Where-Object { $_ -and -not $_.StartsWith('#') } |
+        ForEach-Object { ($_ -split '\s+')[1..2] -join ' ' })
+    if ($offered.Count -eq 0) { return $false }
+    foreach ($key in $offered) { if ($pinned -contains $key) { return $false } }
+    $true
+}
+
+function Test-TcpReachable([string]$Name, [int]$PortNo, [int]$TimeoutMs) {
+    $client = [System.Net.Sockets.TcpClient]::new()
+    try {
+        $task = $client.ConnectAsync($Name, $PortNo)
+        if (-not $task.Wait($TimeoutMs)) { return $false }
+        return $client.Connected
+    } catch {
+        return $false
+    } finally {
+        $client.Dispose()
+    }
+}
+
+function Get-SshOptionTable {
+    # Never prompt, check host keys strictly, offer only the named key; then the allowed extras.
+    # LogLevel QUIET: PowerShell hands ssh's stderr to this process's stdout, the contract
+    # channel; a single diagnostic line there would break the contract. Failures are told
+    # apart by tests below, not by ssh's words.
+    $ssh = [ordered]@{ BatchMode = 'yes'; StrictHostKeyChecking = 'yes'; LogLevel = 'QUIET' }
+    if ($KeyFilePath) { $ssh['IdentitiesOnly'] = 'yes' }
+    if ($KnownHostsFile) {
+        $ssh['UserKnownHostsFile'] = $KnownHostsFile
+        $ssh['GlobalKnownHostsFile'] = $KnownHostsFile
+    }
+    if ($ConnectTimeoutSec -gt 0) { $ssh['ConnectTimeout'] = [string]$ConnectTimeoutSec }
+    if ($SshOptions) {
+        foreach ($option in (ConvertFrom-Json $SshOptions).PSObject.Properties) {
+            $ssh[$option.Name] = [string]$option.Value
+        }
+    }
+    $ssh
+}
+
+function Open-SshTarget {
+    $parameters = (Get-Command New-PSSession).Parameters
+    if (-not $parameters.ContainsKey('Options')) {
+        throw [TgOpenFailure]::new('pwsh_too_old',
+            "PowerShell $($PSVersionTable.PSVersion) cannot pass ssh options (New-PSSession -Options needs 7.3 or later): without BatchMode ssh could prompt")
+    }
+    if ($KnownHostsFile -and -not (Test-Path -LiteralPath $KnownHostsFile -PathType Leaf)) {
+        throw [TgOpenFailure]::new('host_key_unknown', "known_hosts file $KnownHostsFile does not exist")
+    }
+    if ($KnownHostsFile -and -not (Test-SshHostKeyKnown)) {
+        throw [TgOpenFailure]::new('host_key_unknown',
+            "the host key of $(Get-SshHostSpec) is not in $KnownHostsFile; add it (checked out of band), Tollgate never accepts a key on first use")
+    }
+    $ssh = Get-SshOptionTable
+    $options = @{ ErrorAction = 'Stop'; HostName = $HostName; Options = $ssh }
+    if ($Port -gt 0) { $options['Port'] = $Port }
+    if ($UserName) { $options['UserName'] = $UserName }
+    if ($KeyFilePath) { $options['KeyFilePath'] = $KeyFilePath }
+    if ($Subsystem) { $options['Subsystem'] = $Subsystem }
+    try {
+        $script:Session = New-PSSession @options
+    } catch {
+        # ssh says why only on stderr; its exit tells nothing. Decide by what can be tested: a
+        # target that takes no TCP connection is unreachable (transient); one that does and
+        # still ends the session refused it (a key, a changed host key, no subsystem).
+        if ($ssh.Contains('ProxyJump')) { $reached = $true } else {
+            $sshPort = 22
+            if ($Port -gt 0) { $sshPort = $Port }
+            $waitMs = 5000
+            if ($ConnectTimeoutSec -gt 0) { $waitMs = 1000 * $ConnectTimeoutSec }
+            $reached = Test-TcpReachable $HostName $sshPort $waitMs
+        }
+        if (-not $reached) {
+            throw [TgOpenFailure]::new('unreachable', "$HostName port $sshPort takes no connection: $($_.Exception.Message)")
+        }
+        if ($KnownHostsFile -and -not $ssh.Contains('ProxyJump') -and (Test-SshHostKeyChanged $sshPort)) {
+            throw [TgOpenFailure]::new('host_key_changed',
+                "the host key $(Get-SshHostSpec) offers is not the one pinned in ${KnownHostsFile}: the host was reinstalled or someone is in between; check it out of band before replacing the entry")
+        }
+        $subsystemName = 'powershell'
+        if ($Subsystem) { $subsystemName = $Subsystem }
+        throw [TgOpenFailure]::new('auth_failed',
+            "ssh to $(Get-SshHostSpec) was refused after connecting: the key was refused, or the host has no '$subsystemName' subsystem")
+    }
+    $script:Runspace = $script:Session.Runspace
 }
 
 function Open-Target {
@@ -422,25 +538,16 @@ function Open-Target {
         $script:Runspace.Open()
         return
     }
-    $options = @{ ErrorAction = 'Stop' }
-    if ($Mode -eq 'winrm') {
-        $options['ComputerName'] = $ComputerName
-        if ($Port -gt 0) { $options['Port'] = $Port }
-        if ($UseSsl) { $options['UseSSL'] = $true }
-        if ($Authentication -ne 'Default') { $options['Authentication'] = $Authentication }
-        if ($ConfigurationName) { $options['ConfigurationName'] = $ConfigurationName }
-        if ($script:Credential) { $options['Credential'] = $script:Credential }
-    } else {
-        $options['HostName'] = $HostName
-        if ($Port -gt 0) { $options['Port'] = $Port }
-        if ($UserName) { $options['UserName'] = $UserName }
-        if ($KeyFilePath) { $options['KeyFilePath'] = $KeyFilePath }
-        $parameters = (Get-Command New-PSSession).Parameters
-        if ($parameters.ContainsKey('Options')) {
-            # Never prompt: a missing key or an unknown host key fails instead of hanging.
-            $options['Options'] = @{ BatchMode = 'yes' }
-        }
+    if ($Mode -eq 'ssh') {
+        Open-SshTarget
+        return
     }
+    $options = @{ ErrorAction = 'Stop'; ComputerName = $ComputerName }
+    if ($Port -gt 0) { $options['Port'] = $Port }
+    if ($UseSsl) { $options['UseSSL'] = $true }
+    if ($Authentication -ne 'Default') { $options['Authentication'] = $Authentication }
+    if ($ConfigurationName) { $options['ConfigurationName'] = $ConfigurationName }
+    if ($script:Credential) { $options['Credential'] = $script:Credential }
     $script:Session = New-PSSession @options
     $script:Runspace = $script:Session.Runspace
 }
@@ -741,7 +848,15 @@ if ($Mode -eq 'winrm') {
 try {
     Open-Target
 } catch {
-    Send-Fail $hello['id'] (Get-OpenFailureCode $_) $_.Exception.Message
+    $failure = $_.Exception
+    if ($failure -is [System.Management.Automation.MethodInvocationException] -and $failure.InnerException) {
+        $failure = $failure.InnerException
+    }
+    if ($failure -is [TgOpenFailure]) {
+        Send-Fail $hello['id'] $failure.Code $failure.Message
+    } else {
+        Send-Fail $hello['id'] (Get-OpenFailureCode $_) $failure.Message
+    }
     exit 2
 }
 Send-Line ([ordered]@{

@@ -2,6 +2,7 @@
 //! a credential reference, where the target keeps its markers, and the supervision limits.
 //! Everything here is checked before anything is spawned.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -85,14 +86,28 @@ impl WinRmAuth {
 }
 
 /// `New-PSSession -HostName` settings (key-based; the session host never prompts).
+///
+/// Whatever is set here, the session host always passes `BatchMode=yes` and
+/// `StrictHostKeyChecking=yes`, and `IdentitiesOnly=yes` with a `key_file`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshTarget {
     pub host_name: String,
     pub port: Option<u16>,
     /// `-UserName`; `None` is the ssh client's default.
     pub user: Option<String>,
-    /// `-KeyFilePath`; `None` lets the ssh client pick (agent, default keys).
-    pub key_file: Option<String>,
+    /// `-KeyFilePath`, the only key offered; `None` lets the ssh client pick (agent, default
+    /// keys).
+    pub key_file: Option<PathBuf>,
+    /// The known_hosts file used alone (user and global); `None`: the ssh client's defaults.
+    pub known_hosts: Option<PathBuf>,
+    /// `-Subsystem`; `None`: `powershell`.
+    pub subsystem: Option<String>,
+    /// Extra `-o` options, already allow-listed by the config.
+    pub options: BTreeMap<String, String>,
+    /// `ConnectTimeout`, whole seconds.
+    pub connect_timeout_secs: Option<u64>,
+    /// `ServerAliveInterval`, whole seconds.
+    pub keepalive_secs: Option<u64>,
 }
 
 impl SshTarget {
@@ -102,8 +117,36 @@ impl SshTarget {
             port: None,
             user: None,
             key_file: None,
+            known_hosts: None,
+            subsystem: None,
+            options: BTreeMap::new(),
+            connect_timeout_secs: None,
+            keepalive_secs: None,
         }
     }
+
+    /// The `-o` options beyond the fixed ones, as one JSON object for `-SshOptions`.
+    fn options_json(&self) -> Result<Option<String>, SessionError> {
+        let mut all = self.options.clone();
+        if let Some(s) = self.keepalive_secs {
+            all.insert("ServerAliveInterval".into(), s.to_string());
+        }
+        if all.is_empty() {
+            return Ok(None);
+        }
+        for (name, value) in &all {
+            check_value(&format!("ssh option {name}"), value)?;
+        }
+        serde_json::to_string(&all)
+            .map(Some)
+            .map_err(|e| SessionError::InvalidSettings(format!("ssh options: {e}")))
+    }
+}
+
+fn path_text<'a>(name: &str, p: &'a Path) -> Result<&'a str, SessionError> {
+    p.to_str().ok_or_else(|| {
+        SessionError::InvalidSettings(format!("{name} {} is not valid UTF-8", p.display()))
+    })
 }
 
 /// Restart back-off: the first restart waits `start`, each failure doubles it up to `max`.
@@ -203,7 +246,19 @@ impl PwshSettings {
                     named("UserName", u)?;
                 }
                 if let Some(k) = &s.key_file {
-                    named("KeyFilePath", k)?;
+                    named("KeyFilePath", path_text("key_file", k)?)?;
+                }
+                if let Some(k) = &s.known_hosts {
+                    named("KnownHostsFile", path_text("known_hosts", k)?)?;
+                }
+                if let Some(sub) = &s.subsystem {
+                    named("Subsystem", sub)?;
+                }
+                if let Some(t) = s.connect_timeout_secs {
+                    named("ConnectTimeoutSec", &t.to_string())?;
+                }
+                if let Some(json) = s.options_json()? {
+                    named("SshOptions", &json)?;
                 }
             }
         }
@@ -402,6 +457,50 @@ mod tests {
                 "-StateDir",
                 r"D:\Tollgate",
                 "-UseSsl"
+            ]
+        );
+    }
+
+    #[test]
+    fn ssh_arguments_name_every_setting() {
+        let mut t = SshTarget::new("web1.example.org");
+        t.port = Some(2222);
+        t.user = Some("tollgate".into());
+        t.key_file = Some("/etc/tollgate/ssh/id_ed25519".into());
+        t.known_hosts = Some("/etc/tollgate/ssh/known_hosts".into());
+        t.subsystem = Some("powershell7".into());
+        t.connect_timeout_secs = Some(7);
+        t.keepalive_secs = Some(15);
+        t.options
+            .insert("ProxyJump".into(), "bastion.example.org".into());
+        let s = PwshSettings::new("pwsh", PwshMode::Ssh(t));
+        let args: Vec<String> = s
+            .script_args()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "-Mode",
+                "ssh",
+                "-HostName",
+                "web1.example.org",
+                "-Port",
+                "2222",
+                "-UserName",
+                "tollgate",
+                "-KeyFilePath",
+                "/etc/tollgate/ssh/id_ed25519",
+                "-KnownHostsFile",
+                "/etc/tollgate/ssh/known_hosts",
+                "-Subsystem",
+                "powershell7",
+                "-ConnectTimeoutSec",
+                "7",
+                "-SshOptions",
+                r#"{"ProxyJump":"bastion.example.org","ServerAliveInterval":"15"}"#,
             ]
         );
     }
