@@ -75,6 +75,8 @@ pub struct SshdSpec {
     pub pwsh: PathBuf,
     /// The subsystem's name (`powershell` unless a test needs another).
     pub subsystem: String,
+    /// More `sshd_config` lines (e.g. `SetEnv NAME=value`).
+    pub extra: Vec<String>,
 }
 
 /// One running `sshd` target. Dropped: its whole process group is killed.
@@ -115,7 +117,9 @@ impl Sshd {
                  KbdInteractiveAuthentication no\n\
                  PermitRootLogin prohibit-password\n\
                  LogLevel VERBOSE\n\
-                 Subsystem {subsystem} {pwsh} -sshs -NoLogo -NoProfile\n",
+                 Subsystem {subsystem} {pwsh} -sshs -NoLogo\n\
+                 {extra}\n",
+                extra = spec.extra.join("\n"),
                 addr = spec.addr,
                 host_key = host_key.private.display(),
                 authorized = authorized.display(),

@@ -48,6 +48,7 @@ impl Target {
             authorized: vec![client.public.clone()],
             pwsh: pwsh.clone(),
             subsystem: subsystem.to_owned(),
+            extra: Vec::new(),
         };
         let sshd = Sshd::start(&sshd_program, &dir.path().join("sshd"), &spec).unwrap();
         let known_hosts = dir.path().join("known_hosts");
@@ -289,4 +290,41 @@ async fn ssh_target_stopped_mid_step_is_uncertain_then_answered_by_its_marker() 
         matches!(q, IdempotencyStatus::Uncertain | IdempotencyStatus::Running),
         "a step cut off mid-way is not finished and not unknown: {q:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_target_pwsh_killed_mid_step_is_uncertain_and_the_session_reopens() {
+    let Some(t) = Target::start(Ipv4Addr::new(127, 0, 0, 37)) else {
+        return;
+    };
+    let mut s = t.session();
+    let script = "Write-Output 'started'\nStart-Sleep -Seconds 60\nWrite-Output 'finished'";
+    let mut seen = String::new();
+    let mut killed = Vec::new();
+    let r = tokio::time::timeout(
+        LIMIT,
+        s.execute(step("ssh/killed", script, 120_000), |c| {
+            seen.push_str(&String::from_utf8_lossy(&c.data));
+            if seen.contains("started") && killed.is_empty() {
+                killed = t.sshd.session_pwsh_pids();
+                tollgate_tests::sshd::kill_all(&killed);
+            }
+        }),
+    )
+    .await
+    .expect("in time");
+    assert!(
+        !killed.is_empty(),
+        "the target's pwsh -sshs was found and killed"
+    );
+    match r {
+        Ok(r) => assert!(matches!(r.status, ExecStatus::Uncertain { .. }), "{r:?}"),
+        Err(e) => assert!(e.is_transient(), "{e}"),
+    }
+    assert!(!seen.contains("finished"), "{seen}");
+    // The session is re-opened for the next step, to the same host.
+    let (r, out) = execute(&mut s, step("ssh/after", "Write-Output 'again'", 60_000)).await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 0 }, "{out}");
+    assert!(out.contains("again"));
+    assert_eq!(s.spawns(), 2, "one new session host after the break");
 }
