@@ -13,6 +13,8 @@
 #   ansible          the same 5 x 20 in the machine's ansible-core (Debian package; bench/ansible.sh)
 #   fanout           probe fan-out over N simulated agents (tests/benches/fanout.rs)
 #   agent_footprint  stripped agent binary size and idle RSS (tests/benches/agent_footprint.rs)
+#   pwsh_ssh         per-step cost over a real PSSession on a real sshd, beside a bare Invoke-Command
+#                    on an open session and one Invoke-Command -HostName per step (needs pwsh, sshd)
 # Honours CARGO_TARGET_DIR. The table is always written to $TARGET/bench-results/performance.md.
 # Exits non-zero if any piece failed to run (the others still run).
 #   scale            (full mode) the fan-out again at FANOUT_SCALE host counts, to find where the
@@ -79,6 +81,7 @@ for n in $FANOUT_SCALE; do
         | sed "s/^RESULT fanout_/RESULT scale_${n}_/" | tee "$OUT/scale_$n.log" || true
 done
 run agent_footprint cargo bench -p tollgate-tests --bench agent_footprint
+run pwsh_ssh cargo bench -p tollgate-tests --bench pwsh_ssh
 
 # get KEY: the value of `RESULT KEY=VALUE` from any log, or "n/a".
 get() {
@@ -147,6 +150,13 @@ elapsed=$(($(date +%s) - started))
         echo "| ... p99 per host probe (until journaled; on the wire) | $(get fanout_${t}_p99_ms) ms; $(get fanout_${t}_wire_p99_ms) ms | < 1 s | $(verdict "$(get fanout_${t}_p99_ms)" "<" 1000) |"
         echo "| ... coordinator peak RSS (VmHWM) | $(get fanout_${t}_rss_peak_mb) MB | < 100 MB | $(verdict "$(get fanout_${t}_rss_peak_mb)" "<" 100) |"
     done
+    if [ "$(get pwsh_ssh_skipped)" != n/a ]; then
+        echo "| PowerShell over SSH, per step | n/a (SKIPPED: $(get pwsh_ssh_skipped)) | | |"
+    else
+        echo "| PowerShell over SSH ($(get pwsh_ssh_steps) no-op steps on one real PSSession): Tollgate per step, median | $(get pwsh_ssh_tollgate_ms) ms (session opened in $(get pwsh_ssh_open_ms) ms) | | |"
+        echo "| ... floor: bare \`Invoke-Command -Session\` on an open PSSession, median; Tollgate / floor | $(get pwsh_ssh_floor_ms) ms; $(get pwsh_ssh_tollgate_over_floor)x (overhead $(get pwsh_ssh_overhead_ms) ms per step) | | |"
+        echo "| ... one \`Invoke-Command -HostName\` per step, median; per-step connection / Tollgate | $(get pwsh_ssh_per_connection_ms) ms; $(get pwsh_ssh_per_connection_over_tollgate)x | | |"
+    fi
     echo "| agent stripped binary | $agent_mb MB | < 15 MB | $(verdict "$agent_mb" "<" 15) |"
     echo "| agent idle RSS | $agent_rss MB | < 15 MB | $(verdict "$agent_rss" "<" 15) |"
     if [ -n "${FANOUT_SCALE// /}" ]; then
@@ -170,6 +180,7 @@ elapsed=$(($(date +%s) - started))
     echo "- Pipeline: \`cargo bench -p tollgate-tests --bench pipeline\`: real \`tollgate-agent\` processes on 127.0.0.x (5 hosts, then 1 host in a second lab), a real \`tollgate serve\`, mutual TLS over QUIC, every timeline event fsynced. *End to end* is the wall time of one \`tollgate deploy\` / \`tollgate execute\` CLI invocation: it includes starting the CLI process and the work the agents do, since each step (the script \`true\`) and each probe (a script that prints the host's facts) is a process the agent starts, about 2 ms each on this machine. *Baseline* is that work without Tollgate, timed right after each end-to-end run so both see the same machine load: one \`tollgate --version\` process, then one worker per host, all at once (as the agents run at once), each starting one after another as many processes as that host's agent ran in the run (counted in its \`timeline.jsonl\`: \`probe_reported\` + \`check_reported\` + \`step_reported\`), the way \`agent/src/exec.rs\` starts a script (script file, \`sh FILE\` in its own process group, stdout and stderr piped and read to the end, wait). *Orchestration overhead* is the median over the repetitions of (end to end - baseline): the CLI's connection, the coordinator, QUIC + mTLS, the fsynced journal, the agents' idempotency store. Per step per host divides it by hosts x steps (5 x 20); per step round divides it by steps (20)."
     echo "- Ansible: \`bench/ansible.sh\`, wall time of one \`ansible-playbook\` run."
     echo "- Fan-out: \`cargo bench -p tollgate-tests --bench fanout\`: \`tollgate-sim-agents\` serves N agents in one process (own certificate \`spiffe://test/agent/simNNNN\` and own QUIC endpoint on 127.0.0.1 each; canned probe and execute answers), a real \`tollgate serve\` has them all in its inventory; quick \`tollgate deploy\` with one no-op step per host. Latency per host = \`probe_reported\` (that host) minus \`probe_requested\` \`at_ms\` in \`timeline.jsonl\`, i.e. until the answer is journaled and fsynced; \"on the wire\" is when the simulator wrote the answer. RSS is \`VmHWM\` of the serve process after the deploy. Two deploys run back to back: the first dials every agent (at most 64 handshakes at once, each with a 5 s connect timeout that starts when it gets its slot), the second reuses the links. Coordinator CPU is user + system time of the serve process during the deploy (\`/proc/PID/stat\`)."
+    echo "- PowerShell over SSH: \`cargo bench -p tollgate-tests --bench pwsh_ssh\`: one real \`sshd\` on 127.0.0.60 whose \`powershell\` subsystem is the real \`pwsh -sshs\`; *Tollgate* is \`PwshSession::execute\` of \`Write-Output x\` through the supervised session host (contract round trip, idempotency marker written and finished on the target, output streamed), after a first step that opened the session; *floor* is \`Invoke-Command -Session \$s { Write-Output x }\` timed inside one pwsh on an already-open PSSession to the same target; *per step connection* is \`Invoke-Command -HostName ...\` per step (ssh connection, authentication and a remote pwsh each time)."
     echo "- Agent: \`cargo bench -p tollgate-tests --bench agent_footprint\`: \`strip\` on a copy of \`target/release/tollgate-agent\`; \`VmRSS\` of an agent started with a config, after its \"listening\" line and 1 s idle."
 } > "$OUT/performance.md"
 

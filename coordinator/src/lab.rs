@@ -103,7 +103,25 @@ pub fn client_toml(
 
 /// The demo's operations: `sh` steps that keep each host's "application" under
 /// `$TOLLGATE_AGENT_STATE/../app`, and a probe that reports `$TOLLGATE_AGENT_STATE/../facts.json`.
-pub fn demo_operations_toml() -> String {
+/// With `ps_home`, also PowerShell steps and a probe for role `ops` (a host reached through a
+/// real `pwsh`), keeping its application under `ps_home/app`.
+pub fn demo_operations_toml(ps_home: Option<&Path>) -> String {
+    let (ps_deploy, ps_probe) = match ps_home {
+        None => (String::new(), String::new()),
+        Some(home) => {
+            let q = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "''"));
+            let app = q(&home.join("app"));
+            let facts = q(&home.join("facts.json"));
+            (
+                format!(
+                    "[[deploy.phases.steps]]\nid = \"install-app-ps\"\nroles = [\"ops\"]\nshell = \"pwsh\"\nrun = \"$null = New-Item -ItemType Directory -Force -Path {app}; Set-Content -LiteralPath (Join-Path {app} 'version') -Value '1.0'; \\\"installed 1.0 with PowerShell $($PSVersionTable.PSVersion)\\\"\"\ndestructive = false\ntimeout = \"60s\"\n\n"
+                ),
+                format!(
+                    "[probes.ops]\nshell = \"pwsh\"\nrun = \"Get-Content -Raw -LiteralPath {facts}\"\n"
+                ),
+            )
+        }
+    };
     let d = r#"D=\"$TOLLGATE_AGENT_STATE/..\""#;
     format!(
         r#"[[deploy.phases]]
@@ -128,7 +146,7 @@ destructive = false
 timeout = "30s"
 retries = 1
 
-[[teardown.phases]]
+{ps_deploy}[[teardown.phases]]
 name = "drain"
 [[teardown.phases.steps]]
 id = "drain"
@@ -155,6 +173,7 @@ run = "cat \"$TOLLGATE_AGENT_STATE/../facts.json\""
 [probes.db]
 shell = "sh"
 run = "cat \"$TOLLGATE_AGENT_STATE/../facts.json\""
-"#
+
+{ps_probe}"#
     )
 }

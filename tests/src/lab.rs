@@ -133,6 +133,9 @@ pub struct Lab {
     pub serve: Option<ServeProcess>,
     pub config: PathBuf,
     pub serve_env: Vec<(&'static str, String)>,
+    /// The real sshd targets of [`Lab::start_ssh`].
+    #[cfg(target_os = "linux")]
+    pub ssh: Option<crate::sshd::SshFleet>,
 }
 
 /// Whether a `runs list` state names an open run (a ledger stage, possibly marked
@@ -153,6 +156,14 @@ pub fn is_open_state(state: &str) -> bool {
 /// (an escalation to continue, a plan to approve, a token to present).
 pub fn is_working_state(state: &str) -> bool {
     ["created", "continued", "executing"].contains(&state.trim_end_matches(" (shadow)"))
+}
+
+/// The real sshd targets a lab starts: the `pwsh` and `sshd` programs and `(name, role, class)`.
+#[derive(Debug)]
+pub struct SshHosts<'a> {
+    pub pwsh: PathBuf,
+    pub sshd: PathBuf,
+    pub names: &'a [(&'a str, &'a str, &'a str)],
 }
 
 /// Every operator identity a lab issues a client certificate for.
@@ -185,6 +196,25 @@ impl Lab {
     pub async fn start_mixed(
         hosts: &[(&str, &str, &str)],
         ps_hosts: &[(&str, &str, &str)],
+        operations: &str,
+        coordinator_extra: &str,
+        serve_env: Vec<(&'static str, String)>,
+    ) -> anyhow::Result<Lab> {
+        Self::start_inner(
+            hosts,
+            ps_hosts,
+            None,
+            operations,
+            coordinator_extra,
+            serve_env,
+        )
+        .await
+    }
+
+    async fn start_inner(
+        hosts: &[(&str, &str, &str)],
+        ps_hosts: &[(&str, &str, &str)],
+        #[cfg_attr(not(target_os = "linux"), allow(unused_variables))] ssh: Option<SshHosts<'_>>,
         operations: &str,
         coordinator_extra: &str,
         serve_env: Vec<(&'static str, String)>,
@@ -228,6 +258,23 @@ impl Lab {
                 home.join("state")
             );
         }
+        #[cfg(target_os = "linux")]
+        let ssh = match ssh {
+            Some(SshHosts { pwsh, sshd, names }) => {
+                let just_names: Vec<&str> = names.iter().map(|(n, _, _)| *n).collect();
+                let fleet = crate::sshd::SshFleet::start(&root, &just_names, 40, &pwsh, &sshd)?;
+                for (name, role, class) in names {
+                    inventory_text.push_str(&fleet.inventory_entry(name, role, class)?);
+                }
+                Some((fleet, pwsh))
+            }
+            None => None,
+        };
+        #[cfg(target_os = "linux")]
+        let coordinator_extra = match &ssh {
+            Some((_, pwsh)) => format!("pwsh = {pwsh:?}\n{coordinator_extra}"),
+            None => coordinator_extra.to_string(),
+        };
         let coordinator_extra = if ps_hosts.is_empty() {
             coordinator_extra.to_string()
         } else {
@@ -264,9 +311,40 @@ impl Lab {
             serve: None,
             config,
             serve_env,
+            #[cfg(target_os = "linux")]
+            ssh: None,
         };
+        #[cfg(target_os = "linux")]
+        {
+            lab.ssh = ssh.map(|(fleet, _)| fleet);
+        }
         lab.start_serve().await?;
         Ok(lab)
+    }
+
+    /// PowerShell Remoting hosts over real SSH only: one real sshd per host on 127.0.0.40+,
+    /// reached by the real `pwsh` (see [`crate::sshd::SshFleet`]). A host's home is
+    /// `<root>/ssh-NAME`.
+    #[cfg(target_os = "linux")]
+    pub async fn start_ssh(
+        pwsh: &Path,
+        sshd: &Path,
+        ssh_hosts: &[(&str, &str, &str)],
+        operations: &str,
+    ) -> anyhow::Result<Lab> {
+        Self::start_inner(
+            &[],
+            &[],
+            Some(SshHosts {
+                pwsh: pwsh.to_path_buf(),
+                sshd: sshd.to_path_buf(),
+                names: ssh_hosts,
+            }),
+            operations,
+            "",
+            Vec::new(),
+        )
+        .await
     }
 
     /// Starts (or restarts) `tollgate serve` on the lab's config and rewrites the clients.
@@ -298,6 +376,14 @@ impl Lab {
                 .parent()
                 .map(Path::to_path_buf)
                 .unwrap_or_default(),
+            #[cfg(target_os = "linux")]
+            None if self
+                .ssh
+                .as_ref()
+                .is_some_and(|f| f.names().any(|n| n == host)) =>
+            {
+                self.pki.root().join(format!("ssh-{host}"))
+            }
             None => self.pki.root().join(format!("ps-{host}")),
         }
     }

@@ -302,3 +302,88 @@ pub fn current_user() -> String {
         })
         .unwrap_or_else(|| "root".to_owned())
 }
+
+/// Several sshd targets sharing one coordinator key and one known_hosts file, laid out under
+/// `root` the way an inventory next to them names them *relatively*: `root/ssh/coordinator_ed25519`
+/// and `root/ssh/known_hosts`. Each host's home (`root/ssh-NAME`) holds `markers/`, `facts.json`
+/// and its marker `state/`; its pwsh sees the home as `$env:TOLLGATE_TEST_HOME` (sshd `SetEnv`).
+#[derive(Debug)]
+pub struct SshFleet {
+    pub client: KeyPair,
+    pub known_hosts: PathBuf,
+    root: PathBuf,
+    hosts: std::collections::BTreeMap<String, Sshd>,
+}
+
+impl SshFleet {
+    /// Starts one sshd per name, on 127.0.0.`first_octet`, .`first_octet + 1`, ...
+    pub fn start(
+        root: &Path,
+        names: &[&str],
+        first_octet: u8,
+        pwsh: &Path,
+        sshd: &Path,
+    ) -> anyhow::Result<SshFleet> {
+        let ssh_dir = root.join("ssh");
+        std::fs::create_dir_all(&ssh_dir)?;
+        let client = KeyPair::generate(&ssh_dir.join("coordinator_ed25519"))?;
+        let mut hosts = std::collections::BTreeMap::new();
+        for (i, name) in names.iter().enumerate() {
+            let home = root.join(format!("ssh-{name}"));
+            std::fs::create_dir_all(home.join("markers"))?;
+            std::fs::write(home.join("facts.json"), r#"{"app_version":"1.0"}"#)?;
+            let spec = SshdSpec {
+                addr: Ipv4Addr::new(127, 0, 0, first_octet + u8::try_from(i)?),
+                authorized: vec![client.public.clone()],
+                pwsh: pwsh.to_path_buf(),
+                subsystem: "powershell".into(),
+                extra: vec![format!("SetEnv TOLLGATE_TEST_HOME={}", home.display())],
+            };
+            hosts.insert(
+                name.to_string(),
+                Sshd::start(sshd, &home.join("sshd"), &spec)?,
+            );
+        }
+        let known_hosts = ssh_dir.join("known_hosts");
+        let lines: Vec<String> = hosts.values().map(Sshd::known_hosts_line).collect();
+        write_known_hosts(&known_hosts, &lines)?;
+        Ok(SshFleet {
+            client,
+            known_hosts,
+            root: root.to_path_buf(),
+            hosts,
+        })
+    }
+
+    /// The inventory entry for `name`, with `key_file` and `known_hosts` relative to `root`.
+    pub fn inventory_entry(&self, name: &str, role: &str, class: &str) -> anyhow::Result<String> {
+        let sshd = self
+            .hosts
+            .get(name)
+            .with_context(|| format!("no ssh host {name}"))?;
+        Ok(format!(
+            "[[hosts]]\nname = \"{name}\"\nrole = \"{role}\"\nsafety_class = \"{class}\"\n\
+             [hosts.transport.psremoting]\nhost_name = \"{addr}\"\nport = {port}\n\
+             user = \"{user}\"\nkey_file = \"ssh/coordinator_ed25519\"\n\
+             known_hosts = \"ssh/known_hosts\"\nconnect_timeout = \"10s\"\nstate_dir = {state:?}\n",
+            addr = sshd.addr,
+            port = sshd.port,
+            user = current_user(),
+            state = self.home(name).join("state"),
+        ))
+    }
+
+    /// The home of host `name`.
+    pub fn home(&self, name: &str) -> PathBuf {
+        self.root.join(format!("ssh-{name}"))
+    }
+
+    /// The sshd of host `name`.
+    pub fn sshd_mut(&mut self, name: &str) -> Option<&mut Sshd> {
+        self.hosts.get_mut(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.hosts.keys().map(String::as_str)
+    }
+}

@@ -1,7 +1,9 @@
 //! `tollgate demo`: the embedded default. A throwaway PKI, three real `tollgate-agent` processes
 //! on 127.0.0.2-4, an in-process coordinator on 127.0.0.1, and the whole story told as an
 //! operator would live it: quick deploy, escalation, approval, full teardown, the two-person
-//! rule, and a stale plan blocked at the barrier. Artifacts stay on disk.
+//! rule, and a stale plan blocked at the barrier. Where `pwsh` is on PATH a fourth host, `ops1`,
+//! is reached through PowerShell (the `local` transport) and deployed with PowerShell steps; the
+//! demo says which `pwsh` it used, or why there is none. Artifacts stay on disk.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,7 @@ use tollgate_coordinator::lab::{self, LabHost};
 use tollgate_coordinator::render;
 use tollgate_coordinator::runtime::clock::Clock;
 use tollgate_coordinator::service;
+use tollgate_coordinator::transport::pwsh::resolve_program;
 use tollgate_protocol::ctl::{CtlRequest, CtlResponse, OperationIntent};
 use tollgate_protocol::outcome::{Outcome, RunReport};
 use tollgate_protocol::{Action, Mode};
@@ -196,12 +199,38 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
         });
     }
 
+    let ps_home = dir.join("hosts").join("ops1");
+    let pwsh = match resolve_program(Path::new("pwsh")) {
+        Ok(p) => {
+            std::fs::create_dir_all(&ps_home)?;
+            std::fs::write(ps_home.join("facts.json"), r#"{"app_version":"1.0"}"#)?;
+            println!(
+                "  ops1  standard   reached through PowerShell: transport `local` (a supervised session host on {})",
+                p.display()
+            );
+            Some(p)
+        }
+        Err(e) => {
+            println!("  (no PowerShell host in this demo: {e})");
+            None
+        }
+    };
+
     say("3. The coordinator (tollgate serve --config coordinator.toml), in-process");
     let inventory = dir.join("inventory.toml");
     let operations = dir.join("operations.toml");
     let coordinator_toml = dir.join("coordinator.toml");
-    std::fs::write(&inventory, lab::inventory_toml(FLEET, &lab_hosts))?;
-    std::fs::write(&operations, lab::demo_operations_toml())?;
+    let mut inventory_text = lab::inventory_toml(FLEET, &lab_hosts);
+    if pwsh.is_some() {
+        inventory_text.push_str(
+            "[[hosts]]\nname = \"ops1\"\nrole = \"ops\"\nsafety_class = \"standard\"\ntransport.local = {}\n",
+        );
+    }
+    std::fs::write(&inventory, inventory_text)?;
+    std::fs::write(
+        &operations,
+        lab::demo_operations_toml(pwsh.as_ref().map(|_| ps_home.as_path())),
+    )?;
     std::fs::write(
         &coordinator_toml,
         lab::coordinator_toml(
@@ -215,7 +244,10 @@ async fn story(dir: PathBuf) -> anyhow::Result<()> {
                 ("bob", &["approver"]),
                 ("erin", &["operator"]),
             ],
-            "",
+            &pwsh
+                .as_ref()
+                .map(|p| format!("pwsh = {:?}\n", p.display().to_string()))
+                .unwrap_or_default(),
         )?,
     )?;
     let running = service::start(service::load(&coordinator_toml)?, Clock::system()).await?;
