@@ -16,7 +16,7 @@ pub fn reach_remote(p: &PsRemoting, at: &ReachContext<'_>) -> Reach {
         PsTarget::HostName(name) => PwshMode::Ssh(SshTarget {
             port: p.port,
             user: p.user.clone(),
-            key_file: p.key_file.clone(),
+            key_file: p.key_file.as_ref().map(|k| k.display().to_string()),
             ..SshTarget::new(name.clone())
         }),
     };
