@@ -1,7 +1,7 @@
 //! The config files, read from disk. Parsing and validation are the pure core's
 //! ([`tollgate_core::config`], re-exported here whole); this module only reads the files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use tollgate_core::config::*;
 
@@ -17,17 +17,28 @@ fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
     }
 }
 
-/// Reads and parses `coordinator.toml`, then makes its paths relative to the file's directory.
-pub fn load_coordinator(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
-    let (text, label) = read_file(path)?;
-    let config = parse_coordinator(&text, &label)?;
-    Ok(config.resolve_relative_to(path.parent().unwrap_or_else(|| Path::new("."))))
+/// The directory relative paths in the file at `path` start from.
+fn dir_of(path: &Path) -> &Path {
+    path.parent().unwrap_or_else(|| Path::new("."))
 }
 
-/// Reads and parses an inventory file.
+/// The home directory `~` expands to in the files (`HOME`; `USERPROFILE` on Windows), if known.
+fn home() -> Option<PathBuf> {
+    std::env::home_dir().filter(|h| !h.as_os_str().is_empty())
+}
+
+/// Reads and parses `coordinator.toml`, then resolves its paths against the file's directory
+/// and the home directory.
+pub fn load_coordinator(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+    let (text, label) = read_file(path)?;
+    parse_coordinator(&text, &label)?.resolve_relative_to(dir_of(path), home().as_deref())
+}
+
+/// Reads and parses an inventory file, then resolves its coordinator-side paths (`key_file`,
+/// `known_hosts`) against the file's directory and the home directory.
 pub fn load_inventory(path: &Path) -> Result<Inventory, ConfigError> {
     let (text, label) = read_file(path)?;
-    parse_inventory(&text, &label)
+    parse_inventory(&text, &label)?.resolve_paths(dir_of(path), home().as_deref())
 }
 
 /// Reads, parses and validates an operations file, then reads every `run_file` relative to the
@@ -35,7 +46,7 @@ pub fn load_inventory(path: &Path) -> Result<Inventory, ConfigError> {
 pub fn load_operations(path: &Path) -> Result<Operations, ConfigError> {
     let (text, label) = read_file(path)?;
     let mut ops = parse_operations(&text, &label)?;
-    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let base = dir_of(path);
     ops.resolve_run_files(|rel| {
         std::fs::read_to_string(base.join(rel)).map_err(|e| e.to_string())
     })?;

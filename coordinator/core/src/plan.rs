@@ -531,7 +531,7 @@ fn encode_host(e: &mut Encoder, h: &Host) {
                 .opt_str(p.configuration_name.as_deref())
                 .opt_str(p.credential_ref.as_deref())
                 .opt_str(p.user.as_deref())
-                .opt_str(p.key_file.as_deref());
+                .opt_str(p.key_file.as_ref().map(|k| k.to_string_lossy()).as_deref());
         }
         Transport::Local => {}
     }

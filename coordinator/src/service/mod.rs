@@ -151,6 +151,7 @@ fn reach_of(loaded: &Loaded) -> Result<BTreeMap<String, Reach>, ServiceError> {
             key: format!("hosts[{i}].transport"),
             fleet: loaded.identity.id.fleet(),
             pwsh: &loaded.config.pwsh,
+            psremoting: &loaded.config.psremoting,
         };
         out.insert(h.name.clone(), Reach::of(&h.transport, &at)?);
     }

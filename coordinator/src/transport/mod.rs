@@ -54,6 +54,8 @@ pub struct ReachContext<'a> {
     pub fleet: &'a str,
     /// The `pwsh` executable from `coordinator.toml`.
     pub pwsh: &'a str,
+    /// `[psremoting]` of `coordinator.toml`: session timings and fleet-wide SSH defaults.
+    pub psremoting: &'a crate::config::PsRemotingSettings,
 }
 
 impl ReachContext<'_> {

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::ConfigError;
-use super::inventory::SafetyClass;
+use super::inventory::{PsRemoting, SafetyClass};
 use super::locate::{key_segment, parse_toml};
-use super::values::{duration_in, is_spiffe_id};
+use super::paths::{resolve_at, resolve_path};
+use super::ssh::{RawSsh, SshOptions};
+use super::values::{duration_in, is_spiffe_id, show_ms};
 
 /// Default `listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7440";
@@ -172,9 +174,60 @@ pub struct Rollout {
     pub max_failure_ratio: f64,
 }
 
+/// `[psremoting]`: how the coordinator runs its PowerShell session hosts, and the SSH defaults
+/// of every host reached over SSH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsRemotingSettings {
+    /// Fleet-wide SSH defaults; a host's own value wins (see [`PsRemotingSettings::ssh_for`]).
+    /// `known_hosts` is resolved relative to `coordinator.toml`.
+    pub ssh: SshOptions,
+    /// `open_timeout` (default 60s, 1s..=10m): starting a session host and opening its session.
+    pub open_timeout_ms: u64,
+    /// `request_timeout` (default 15s, 1s..=5m): how long a query or cancel answer may take.
+    pub request_timeout_ms: u64,
+    /// `restart_backoff` (default 100ms, 1ms..=5m): the first delay before restarting a session
+    /// host that failed, doubled for each further failure.
+    pub restart_backoff_ms: u64,
+    /// `restart_backoff_max` (default 5s, `restart_backoff`..=5m): the longest restart delay.
+    pub restart_backoff_max_ms: u64,
+}
+
+impl PsRemotingSettings {
+    /// Default `open_timeout`: 60 seconds.
+    pub const DEFAULT_OPEN_TIMEOUT_MS: u64 = 60_000;
+    /// Default `request_timeout`: 15 seconds.
+    pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 15_000;
+    /// Default `restart_backoff`: 100 milliseconds.
+    pub const DEFAULT_RESTART_BACKOFF_MS: u64 = 100;
+    /// Default `restart_backoff_max`: 5 seconds.
+    pub const DEFAULT_RESTART_BACKOFF_MAX_MS: u64 = 5_000;
+
+    /// The SSH settings in force for `host`: each of the host's own values wins, else the
+    /// fleet default; `ssh_options` are the defaults with the host's options laid over them.
+    /// (Meaningful for an SSH host; a WinRM host has no SSH settings of its own.)
+    pub fn ssh_for(&self, host: &PsRemoting) -> SshOptions {
+        host.ssh.overlaid_on(&self.ssh)
+    }
+}
+
+impl Default for PsRemotingSettings {
+    /// No SSH defaults; every timing at its default.
+    fn default() -> Self {
+        PsRemotingSettings {
+            ssh: SshOptions::default(),
+            open_timeout_ms: Self::DEFAULT_OPEN_TIMEOUT_MS,
+            request_timeout_ms: Self::DEFAULT_REQUEST_TIMEOUT_MS,
+            restart_backoff_ms: Self::DEFAULT_RESTART_BACKOFF_MS,
+            restart_backoff_max_ms: Self::DEFAULT_RESTART_BACKOFF_MAX_MS,
+        }
+    }
+}
+
 /// A validated `coordinator.toml`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoordinatorConfig {
+    /// The file (or label) this configuration came from; names it in errors.
+    pub source: String,
     /// Address of the QUIC control endpoint.
     pub listen: SocketAddr,
     /// Journals, run artifacts, token key.
@@ -183,7 +236,8 @@ pub struct CoordinatorConfig {
     pub inventory: PathBuf,
     /// Path of `operations.toml`.
     pub operations: PathBuf,
-    /// The `pwsh` executable for PowerShell remoting.
+    /// The `pwsh` executable for PowerShell remoting: a bare name (looked up on `PATH` when
+    /// started) or a path (resolved like every other path once `resolve_relative_to` has run).
     pub pwsh: String,
     /// Certificates.
     pub tls: TlsPaths,
@@ -199,28 +253,61 @@ pub struct CoordinatorConfig {
     pub retry: RetryPolicy,
     /// Batches and gates.
     pub rollout: Rollout,
+    /// PowerShell session hosts and SSH defaults.
+    pub psremoting: PsRemotingSettings,
 }
 
 impl CoordinatorConfig {
-    /// Makes every relative path relative to `dir` (the directory of `coordinator.toml`).
-    pub fn resolve_relative_to(mut self, dir: &Path) -> Self {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
-        };
-        fix(&mut self.state_dir);
-        fix(&mut self.inventory);
-        fix(&mut self.operations);
-        fix(&mut self.tls.ca);
-        fix(&mut self.tls.cert);
-        fix(&mut self.tls.key);
+    /// Resolves every coordinator-side path as written in a file in `dir` (the directory of
+    /// `coordinator.toml`): `~`, `~/rest` (or `~\rest`) is `home` joined with `rest` (refused
+    /// when `home` is `None`), `~user/...` is refused, an absolute path is kept and any other
+    /// path joins `dir`. `pwsh` is resolved only when it is a path (it has a separator or starts
+    /// with `~`); a bare name stays a name for `PATH`.
+    pub fn resolve_relative_to(
+        mut self,
+        dir: &Path,
+        home: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
+        let file = self.source.clone();
+        let mut paths: Vec<(&str, &mut PathBuf)> = vec![
+            ("state_dir", &mut self.state_dir),
+            ("inventory", &mut self.inventory),
+            ("operations", &mut self.operations),
+            ("tls.ca", &mut self.tls.ca),
+            ("tls.cert", &mut self.tls.cert),
+            ("tls.key", &mut self.tls.key),
+            ("tokens.signing_key", &mut self.tokens.signing_key),
+        ];
         if let Some(crl) = &mut self.tls.crl {
-            fix(crl);
+            paths.push(("tls.crl", crl));
         }
-        fix(&mut self.tokens.signing_key);
-        self
+        if let Some(known_hosts) = &mut self.psremoting.ssh.known_hosts {
+            paths.push(("psremoting.known_hosts", known_hosts));
+        }
+        for (key, path) in paths {
+            resolve_at(&file, key, path, dir, home)?;
+        }
+        self.pwsh = resolve_pwsh(&file, &self.pwsh, dir, home)?;
+        Ok(self)
     }
+}
+
+/// `pwsh` resolved when it is a path; a bare name is returned as is.
+fn resolve_pwsh(
+    file: &str,
+    pwsh: &str,
+    dir: &Path,
+    home: Option<&Path>,
+) -> Result<String, ConfigError> {
+    if !pwsh.starts_with('~') && !pwsh.chars().any(std::path::is_separator) {
+        return Ok(pwsh.to_owned());
+    }
+    let err = |why: String| ConfigError::invalid(file, "pwsh", why);
+    resolve_path(Path::new(pwsh), dir, home)
+        .map_err(err)?
+        .into_os_string()
+        .into_string()
+        .map_err(|p| err(format!("{p:?}: the resolved path is not valid UTF-8")))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,6 +332,8 @@ struct RawCoordinator {
     retry: RawRetry,
     #[serde(default)]
     rollout: RawRollout,
+    #[serde(default)]
+    psremoting: RawPsRemotingSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -295,6 +384,20 @@ struct RawRetry {
     max_attempts: Option<u32>,
     base_backoff_ms: Option<u64>,
     max_backoff_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPsRemotingSettings {
+    known_hosts: Option<String>,
+    subsystem: Option<String>,
+    ssh_options: Option<BTreeMap<String, String>>,
+    connect_timeout: Option<toml::Value>,
+    keepalive: Option<toml::Value>,
+    open_timeout: Option<toml::Value>,
+    request_timeout: Option<toml::Value>,
+    restart_backoff: Option<toml::Value>,
+    restart_backoff_max: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -433,8 +536,10 @@ pub fn parse_coordinator(text: &str, file: &str) -> Result<CoordinatorConfig, Co
     }
 
     let rollout = convert_rollout(file, raw.rollout)?;
+    let psremoting = convert_psremoting(file, raw.psremoting)?;
 
     Ok(CoordinatorConfig {
+        source: file.to_owned(),
         listen,
         inventory: non_empty_path(file, "inventory", raw.inventory, "inventory.toml")?,
         operations: non_empty_path(file, "operations", raw.operations, "operations.toml")?,
@@ -469,6 +574,7 @@ pub fn parse_coordinator(text: &str, file: &str) -> Result<CoordinatorConfig, Co
         concurrency: Concurrency { global, per_phase },
         retry,
         rollout,
+        psremoting,
     })
 }
 
@@ -540,6 +646,83 @@ fn convert_rollout(file: &str, raw: RawRollout) -> Result<Rollout, ConfigError> 
         batches,
         max_failure_ratio: ratio,
     })
+}
+
+fn convert_psremoting(
+    file: &str,
+    raw: RawPsRemotingSettings,
+) -> Result<PsRemotingSettings, ConfigError> {
+    let d = PsRemotingSettings::default();
+    let timing = |name: &str, value: &Option<toml::Value>, default: u64, min: u64, max: u64| {
+        value.as_ref().map_or(Ok(default), |v| {
+            duration_in(v, min, max)
+                .map_err(|why| ConfigError::invalid(file, format!("psremoting.{name}"), why))
+        })
+    };
+    let settings = PsRemotingSettings {
+        ssh: RawSsh {
+            known_hosts: raw.known_hosts,
+            subsystem: raw.subsystem,
+            ssh_options: raw.ssh_options,
+            connect_timeout: raw.connect_timeout,
+            keepalive: raw.keepalive,
+        }
+        .convert(file, "psremoting")?,
+        open_timeout_ms: timing(
+            "open_timeout",
+            &raw.open_timeout,
+            d.open_timeout_ms,
+            1_000,
+            600_000,
+        )?,
+        request_timeout_ms: timing(
+            "request_timeout",
+            &raw.request_timeout,
+            d.request_timeout_ms,
+            1_000,
+            300_000,
+        )?,
+        restart_backoff_ms: timing(
+            "restart_backoff",
+            &raw.restart_backoff,
+            d.restart_backoff_ms,
+            1,
+            300_000,
+        )?,
+        restart_backoff_max_ms: timing(
+            "restart_backoff_max",
+            &raw.restart_backoff_max,
+            d.restart_backoff_max_ms,
+            1,
+            300_000,
+        )?,
+    };
+    let (first, max) = (settings.restart_backoff_ms, settings.restart_backoff_max_ms);
+    if first > max {
+        // Name the key the file wrote: the default maximum is not the operator's mistake.
+        return Err(if raw.restart_backoff_max.is_some() {
+            ConfigError::invalid(
+                file,
+                "psremoting.restart_backoff_max",
+                format!(
+                    "must be at least psremoting.restart_backoff ({}), got {}",
+                    show_ms(first),
+                    show_ms(max)
+                ),
+            )
+        } else {
+            ConfigError::invalid(
+                file,
+                "psremoting.restart_backoff",
+                format!(
+                    "must be at most psremoting.restart_backoff_max ({}, the default), got {}",
+                    show_ms(max),
+                    show_ms(first)
+                ),
+            )
+        });
+    }
+    Ok(settings)
 }
 
 fn parse_batch(text: &str) -> Option<Batch> {

@@ -1,11 +1,14 @@
 //! `inventory.toml`: the hosts, their roles, safety classes and transports.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use super::ConfigError;
 use super::locate::parse_toml;
+use super::paths::resolve_at;
+use super::ssh::{RawSsh, SshOptions};
 use super::values::{DNS_LABEL_RULE, is_dns_label, is_spiffe_id};
 
 /// How much care a host needs. Drives approvals and token lifetimes (see `[tokens]` in
@@ -111,10 +114,16 @@ pub struct PsRemoting {
     pub credential_ref: Option<String>,
     /// SSH user (`-UserName`).
     pub user: Option<String>,
-    /// SSH private key file (`-KeyFilePath`).
-    pub key_file: Option<String>,
+    /// SSH private key file (`-KeyFilePath`), on the coordinator's machine: relative to the
+    /// inventory's directory and `~` expanded once [`Inventory::resolve_paths`] has run.
+    pub key_file: Option<PathBuf>,
+    /// SSH settings (`known_hosts`, `subsystem`, `ssh_options`, `connect_timeout`,
+    /// `keepalive`); empty for WinRM. Laid over the fleet's `[psremoting]` defaults by
+    /// `PsRemotingSettings::ssh_for`.
+    pub ssh: SshOptions,
     /// Where the session host keeps idempotency markers on the target (default
-    /// `$env:ProgramData\Tollgate` on Windows, `~/.local/state/tollgate` elsewhere).
+    /// `$env:ProgramData\Tollgate` on Windows, `~/.local/state/tollgate` elsewhere). A path on
+    /// the **target** host, so Tollgate never resolves or expands it: it is passed as written.
     pub state_dir: Option<String>,
 }
 
@@ -153,6 +162,26 @@ impl Inventory {
     /// Every role some host has.
     pub fn roles(&self) -> BTreeSet<&str> {
         self.hosts.iter().map(|h| h.role.as_str()).collect()
+    }
+
+    /// Resolves the coordinator-side paths of every host (`key_file`, `known_hosts`) as
+    /// written in a file in `dir`: relative ones join `dir`, `~` is `home` (see
+    /// `CoordinatorConfig::resolve_relative_to` for the rule). `state_dir` is a path on the
+    /// target and stays as written.
+    pub fn resolve_paths(mut self, dir: &Path, home: Option<&Path>) -> Result<Self, ConfigError> {
+        for (i, h) in self.hosts.iter_mut().enumerate() {
+            let Transport::PsRemoting(p) = &mut h.transport else {
+                continue;
+            };
+            let key = format!("hosts[{i}].transport.psremoting");
+            if let Some(k) = &mut p.key_file {
+                resolve_at(&self.source, &format!("{key}.key_file"), k, dir, home)?;
+            }
+            if let Some(k) = &mut p.ssh.known_hosts {
+                resolve_at(&self.source, &format!("{key}.known_hosts"), k, dir, home)?;
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -205,6 +234,11 @@ struct RawPsRemoting {
     credential_ref: Option<String>,
     user: Option<String>,
     key_file: Option<String>,
+    known_hosts: Option<String>,
+    subsystem: Option<String>,
+    ssh_options: Option<BTreeMap<String, String>>,
+    connect_timeout: Option<toml::Value>,
+    keepalive: Option<toml::Value>,
     state_dir: Option<String>,
 }
 
@@ -259,49 +293,34 @@ fn convert_transport(file: &str, key: &str, raw: RawTransport) -> Result<Transpo
 }
 
 fn convert_psremoting(file: &str, key: &str, p: RawPsRemoting) -> Result<PsRemoting, ConfigError> {
-    let (target, implied) = match (p.computer_name, p.host_name) {
-        (Some(c), None) => (PsTarget::ComputerName(c), Wire::Wsman),
-        (None, Some(h)) => (PsTarget::HostName(h), Wire::Ssh),
-        _ => {
-            return Err(ConfigError::invalid(
-                file,
-                key,
-                "exactly one of `computer_name` (WinRM) or `host_name` (SSH) is required",
-            ));
+    let target = convert_target(file, key, p.computer_name, p.host_name, p.transport)?;
+    let ssh = RawSsh {
+        known_hosts: p.known_hosts,
+        subsystem: p.subsystem,
+        ssh_options: p.ssh_options,
+        connect_timeout: p.connect_timeout,
+        keepalive: p.keepalive,
+    };
+    let wire_only = match &target {
+        PsTarget::ComputerName(_) => ssh_only_key(p.user.as_deref(), p.key_file.as_deref(), &ssh)
+            .map(|which| {
+                let hint = if matches!(which, "user" | "key_file") {
+                    " (use `credential_ref` for WinRM)"
+                } else {
+                    ""
+                };
+                (
+                    which,
+                    format!("only allowed with transport = \"ssh\"{hint}"),
+                )
+            }),
+        PsTarget::HostName(_) => {
+            wsman_only_key(p.credential_ref.as_deref(), p.configuration_name.as_deref())
+                .map(|which| (which, "only allowed with transport = \"wsman\"".to_owned()))
         }
     };
-    if let Some(wire) = p.transport
-        && wire != implied
-    {
-        let (given, needs) = match implied {
-            Wire::Wsman => ("computer_name", "wsman"),
-            Wire::Ssh => ("host_name", "ssh"),
-        };
-        return Err(ConfigError::invalid(
-            file,
-            format!("{key}.transport"),
-            format!("`{given}` needs transport = \"{needs}\""),
-        ));
-    }
-    if implied == Wire::Wsman && (p.user.is_some() || p.key_file.is_some()) {
-        let which = if p.user.is_some() { "user" } else { "key_file" };
-        return Err(ConfigError::invalid(
-            file,
-            format!("{key}.{which}"),
-            "only allowed with transport = \"ssh\" (use `credential_ref` for WinRM)",
-        ));
-    }
-    if implied == Wire::Ssh && (p.credential_ref.is_some() || p.configuration_name.is_some()) {
-        let which = if p.credential_ref.is_some() {
-            "credential_ref"
-        } else {
-            "configuration_name"
-        };
-        return Err(ConfigError::invalid(
-            file,
-            format!("{key}.{which}"),
-            "only allowed with transport = \"wsman\"",
-        ));
+    if let Some((which, reason)) = wire_only {
+        return Err(ConfigError::invalid(file, format!("{key}.{which}"), reason));
     }
     if p.port == Some(0) {
         return Err(ConfigError::invalid(
@@ -310,17 +329,10 @@ fn convert_psremoting(file: &str, key: &str, p: RawPsRemoting) -> Result<PsRemot
             "must be between 1 and 65535",
         ));
     }
-    let target_name = match &target {
-        PsTarget::ComputerName(n) | PsTarget::HostName(n) => n,
-    };
-    if target_name.trim().is_empty() {
-        let which = match target {
-            PsTarget::ComputerName(_) => "computer_name",
-            PsTarget::HostName(_) => "host_name",
-        };
+    if p.key_file.as_ref().is_some_and(|k| k.trim().is_empty()) {
         return Err(ConfigError::invalid(
             file,
-            format!("{key}.{which}"),
+            format!("{key}.key_file"),
             "must not be empty",
         ));
     }
@@ -330,9 +342,79 @@ fn convert_psremoting(file: &str, key: &str, p: RawPsRemoting) -> Result<PsRemot
         configuration_name: p.configuration_name,
         credential_ref: p.credential_ref,
         user: p.user,
-        key_file: p.key_file,
+        key_file: p.key_file.map(PathBuf::from),
+        ssh: ssh.convert(file, key)?,
         state_dir: p.state_dir,
     })
+}
+
+/// The machine to connect to: exactly one of `computer_name` or `host_name`, non-empty, and
+/// agreeing with `transport` when that is given.
+fn convert_target(
+    file: &str,
+    key: &str,
+    computer_name: Option<String>,
+    host_name: Option<String>,
+    transport: Option<Wire>,
+) -> Result<PsTarget, ConfigError> {
+    let (target, implied, name_key) = match (computer_name, host_name) {
+        (Some(c), None) => (PsTarget::ComputerName(c), Wire::Wsman, "computer_name"),
+        (None, Some(h)) => (PsTarget::HostName(h), Wire::Ssh, "host_name"),
+        _ => {
+            return Err(ConfigError::invalid(
+                file,
+                key,
+                "exactly one of `computer_name` (WinRM) or `host_name` (SSH) is required",
+            ));
+        }
+    };
+    if let Some(wire) = transport
+        && wire != implied
+    {
+        let needs = match implied {
+            Wire::Wsman => "wsman",
+            Wire::Ssh => "ssh",
+        };
+        return Err(ConfigError::invalid(
+            file,
+            format!("{key}.transport"),
+            format!("`{name_key}` needs transport = \"{needs}\""),
+        ));
+    }
+    let (PsTarget::ComputerName(name) | PsTarget::HostName(name)) = &target;
+    if name.trim().is_empty() {
+        return Err(ConfigError::invalid(
+            file,
+            format!("{key}.{name_key}"),
+            "must not be empty",
+        ));
+    }
+    Ok(target)
+}
+
+/// The first key given that only SSH takes, if any.
+fn ssh_only_key(user: Option<&str>, key_file: Option<&str>, ssh: &RawSsh) -> Option<&'static str> {
+    if user.is_some() {
+        Some("user")
+    } else if key_file.is_some() {
+        Some("key_file")
+    } else {
+        ssh.first_given()
+    }
+}
+
+/// The first key given that only WinRM takes, if any.
+fn wsman_only_key(
+    credential_ref: Option<&str>,
+    configuration_name: Option<&str>,
+) -> Option<&'static str> {
+    if credential_ref.is_some() {
+        Some("credential_ref")
+    } else if configuration_name.is_some() {
+        Some("configuration_name")
+    } else {
+        None
+    }
 }
 
 fn validate_hosts(file: &str, hosts: &[Host]) -> Result<(), ConfigError> {

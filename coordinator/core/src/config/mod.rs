@@ -134,12 +134,14 @@ mod coordinator;
 mod inventory;
 mod locate;
 mod operations;
+mod paths;
+mod ssh;
 mod values;
 
 pub use coordinator::{
     Authorization, Batch, ClassTable, ClassTokenPolicy, Concurrency, CoordinatorConfig,
-    DEFAULT_LISTEN, DEFAULT_TOKEN_LIFETIME_MS, MAX_TOKEN_LIFETIME_MS, ProbeSettings, RetryPolicy,
-    Role, Rollout, TlsPaths, TokenSettings, parse_coordinator,
+    DEFAULT_LISTEN, DEFAULT_TOKEN_LIFETIME_MS, MAX_TOKEN_LIFETIME_MS, ProbeSettings,
+    PsRemotingSettings, RetryPolicy, Role, Rollout, TlsPaths, TokenSettings, parse_coordinator,
 };
 pub use inventory::{
     AgentTransport, Host, Inventory, PsRemoting, PsTarget, SafetyClass, Transport, parse_inventory,
@@ -148,5 +150,6 @@ pub use operations::{
     ActionSpec, DEFAULT_STEP_TIMEOUT_MS, MAX_STEP_RETRIES, MAX_STEP_TIMEOUT_MS, Operations, Phase,
     ProbeScript, ScriptSource, Step, parse_operations, validate_operations,
 };
+pub use ssh::{ALLOWED_SSH_OPTIONS, MAX_SSH_OPTION_VALUE, SshOptions};
 pub use tollgate_protocol::ConfigError;
 pub use values::{is_dns_label, is_spiffe_id, parse_duration_ms, show_ms};

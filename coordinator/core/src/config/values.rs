@@ -60,6 +60,23 @@ pub(crate) fn duration_in(value: &toml::Value, min_ms: u64, max_ms: u64) -> Resu
     Ok(ms)
 }
 
+/// Checks a duration that a program takes in whole seconds (ssh's `ConnectTimeout`,
+/// `ServerAliveInterval`): it must be a whole number of seconds within the inclusive range.
+pub(crate) fn whole_seconds_in(
+    value: &toml::Value,
+    min_ms: u64,
+    max_ms: u64,
+) -> Result<u64, String> {
+    let ms = parse_duration_ms(value)?;
+    if !ms.is_multiple_of(1_000) {
+        return Err(format!(
+            "must be a whole number of seconds (ssh takes seconds), got {}",
+            show_ms(ms)
+        ));
+    }
+    duration_in(value, min_ms, max_ms)
+}
+
 /// Renders milliseconds the way they are written in the files.
 pub fn show_ms(ms: u64) -> String {
     if ms.is_multiple_of(3_600_000) && ms > 0 {
@@ -126,6 +143,20 @@ mod tests {
         assert_eq!(show_ms(90_000), "90s");
         assert_eq!(show_ms(300_000), "5m");
         assert_eq!(show_ms(1_500), "1500ms");
+    }
+
+    #[test]
+    fn whole_seconds() {
+        let s = |t: &str| whole_seconds_in(&toml::Value::String(t.into()), 1_000, 300_000);
+        assert_eq!(s("10s"), Ok(10_000));
+        assert_eq!(s("2000ms"), Ok(2_000));
+        assert_eq!(s("5m"), Ok(300_000));
+        assert_eq!(
+            s("1500ms"),
+            Err("must be a whole number of seconds (ssh takes seconds), got 1500ms".into())
+        );
+        assert_eq!(s("6m"), Err("must be between 1s and 5m, got 6m".into()));
+        assert_eq!(s("0s"), Err("must be between 1s and 5m, got 0s".into()));
     }
 
     #[test]
