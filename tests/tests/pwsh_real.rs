@@ -196,3 +196,190 @@ async fn real_pwsh_runs_sh_steps() {
     assert_eq!(r.status, ExecStatus::Exited { code: 4 });
     assert!(stream_text(&chunks, Stream::Stdout).contains("hi"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_refuses_a_key_reused_for_another_script() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = session(pwsh, &dir);
+    let (first, _) = execute(
+        &mut s,
+        step("real/conflict", Shell::Pwsh, "Write-Output one", 60_000),
+    )
+    .await;
+    assert_eq!(first.status, ExecStatus::Exited { code: 0 });
+    let e = tokio::time::timeout(
+        LIMIT,
+        s.execute(
+            step("real/conflict", Shell::Pwsh, "Write-Output two", 60_000),
+            |_| {},
+        ),
+    )
+    .await
+    .unwrap()
+    .expect_err("another script under a used key");
+    assert!(
+        matches!(
+            e,
+            tollgate_coordinator::transport::pwsh::SessionError::IdempotencyConflict(_)
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_reports_a_step_that_does_not_parse() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = session(pwsh, &dir);
+    let (r, chunks) = execute(
+        &mut s,
+        step(
+            "real/broken",
+            Shell::Pwsh,
+            "Write-Output 'never'\nif ($true {",
+            60_000,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 1 });
+    assert!(
+        !stream_text(&chunks, Stream::Stdout).contains("never"),
+        "nothing of it ran"
+    );
+    let e = s.last_script_error().expect("the parse error");
+    assert!(e.message.contains("Missing"), "{}", e.message);
+    assert_eq!(s.spawns(), 1, "a broken step does not break the session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_step_writing_to_the_contract_channel_is_killed_and_uncertain() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = session(pwsh, &dir);
+    // In-process (local mode) a step can reach the session host's own stdout.
+    let script = "[Console]::Out.WriteLine('not the contract')\nStart-Sleep -Seconds 30";
+    let r = tokio::time::timeout(
+        LIMIT,
+        s.execute(step("real/garbage", Shell::Pwsh, script, 60_000), |_| {}),
+    )
+    .await
+    .unwrap();
+    match r {
+        Ok(r) => assert!(matches!(r.status, ExecStatus::Uncertain { .. }), "{r:?}"),
+        Err(e) => panic!("a started step must end typed, not {e}"),
+    }
+    let (after, _) = execute(
+        &mut s,
+        step("real/after-garbage", Shell::Pwsh, "Write-Output ok", 60_000),
+    )
+    .await;
+    assert_eq!(after.status, ExecStatus::Exited { code: 0 });
+    assert_eq!(
+        s.spawns(),
+        2,
+        "the child that broke the contract was replaced"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_session_host_killed_mid_step_is_uncertain_and_never_rerun() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = session(pwsh, &dir);
+    let target = dir.path().join("destroyed.txt");
+    let script = format!(
+        "Write-Output 'started'\nStart-Sleep -Seconds 60\nAdd-Content -LiteralPath {} -Value x",
+        ps_quote(&target)
+    );
+    let (_, _) = execute(
+        &mut s,
+        step("real/warm", Shell::Pwsh, "Write-Output warm", 60_000),
+    )
+    .await;
+    let pid = s.child_pid().expect("a running session host");
+    let mut killed = false;
+    let r = tokio::time::timeout(
+        LIMIT,
+        s.execute(step("real/killed", Shell::Pwsh, &script, 120_000), |c| {
+            if !killed && String::from_utf8_lossy(&c.data).contains("started") {
+                killed = true;
+                // The whole PowerShell: the dotnet-tool `pwsh` is a shim whose child
+                // (`dotnet pwsh.dll`) is the real session host; killing the shim alone
+                // leaves it running and answering.
+                let mut all = tollgate_tests::proc::descendants(pid);
+                all.push(pid);
+                tollgate_tests::sshd::kill_all(&all);
+            }
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(killed);
+    assert!(matches!(r.status, ExecStatus::Uncertain { .. }), "{r:?}");
+    let (again, _) = execute(&mut s, step("real/killed", Shell::Pwsh, &script, 120_000)).await;
+    assert!(
+        matches!(again.status, ExecStatus::Uncertain { .. }),
+        "never re-run: {again:?}"
+    );
+    assert!(!target.exists());
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_session_host_hung_past_the_deadline_is_replaced() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = PwshSettings::new(pwsh, PwshMode::None);
+    settings.state_dir = Some(dir.path().join("state").to_string_lossy().into_owned());
+    settings.answer_margin = Duration::from_millis(500);
+    let mut s = PwshSession::new("local".into(), settings);
+    let (_, _) = execute(
+        &mut s,
+        step("real/warm", Shell::Pwsh, "Write-Output warm", 60_000),
+    )
+    .await;
+    let pid = s.child_pid().expect("a running session host");
+    // A frozen session host (SIGSTOP) answers nothing: past the step's deadline and the margin
+    // the coordinator kills it and says the step is uncertain.
+    let mut stopped = false;
+    let r = tokio::time::timeout(
+        LIMIT,
+        s.execute(
+            step(
+                "real/hung",
+                Shell::Pwsh,
+                "Write-Output 'started'\nStart-Sleep -Seconds 30",
+                1_500,
+            ),
+            |c| {
+                if !stopped && String::from_utf8_lossy(&c.data).contains("started") {
+                    stopped = true;
+                    use nix::sys::signal::{Signal, kill};
+                    let mut all = tollgate_tests::proc::descendants(pid);
+                    all.push(pid);
+                    for p in all {
+                        let _ = kill(nix::unistd::Pid::from_raw(p as i32), Signal::SIGSTOP);
+                    }
+                }
+            },
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(stopped);
+    assert!(matches!(r.status, ExecStatus::Uncertain { .. }), "{r:?}");
+    assert!(
+        !tollgate_tests::proc::alive(pid),
+        "the hung child was killed"
+    );
+    let (after, _) = execute(
+        &mut s,
+        step("real/after-hang", Shell::Pwsh, "Write-Output ok", 60_000),
+    )
+    .await;
+    assert_eq!(after.status, ExecStatus::Exited { code: 0 });
+}
