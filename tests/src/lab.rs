@@ -272,7 +272,13 @@ impl Lab {
         };
         #[cfg(target_os = "linux")]
         let coordinator_extra = match &ssh {
-            Some((_, pwsh)) => format!("pwsh = {pwsh:?}\n{coordinator_extra}"),
+            Some((_, pwsh)) => {
+                // Named relative to coordinator.toml, which serve must resolve from its own
+                // directory whatever its working directory.
+                std::fs::create_dir_all(root.join("bin"))?;
+                std::os::unix::fs::symlink(pwsh, root.join("bin/pwsh"))?;
+                format!("pwsh = \"bin/pwsh\"\n{coordinator_extra}")
+            }
             None => coordinator_extra.to_string(),
         };
         let coordinator_extra = if ps_hosts.is_empty() {

@@ -1,7 +1,8 @@
 //! The story over PowerShell Remoting on real SSH: three hosts, each a real `sshd` on its own
 //! 127.0.0.x with the `powershell` subsystem, reached by `tollgate serve` through its supervised
 //! real `pwsh` session hosts (`New-PSSession -HostName`). The inventory names the key and the
-//! known_hosts file relative to itself. Runs where `pwsh` and `sshd` are present (CI requires
+//! known_hosts file relative to itself, and coordinator.toml names `pwsh` as `bin/pwsh` relative
+//! to itself (serve runs from another working directory). Runs where `pwsh` and `sshd` are present (CI requires
 //! both).
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
