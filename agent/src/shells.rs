@@ -108,11 +108,16 @@ impl Shells {
 ///   stderr as PowerShell prints it;
 /// - otherwise `$LASTEXITCODE`: the exit code of the last native command the script ran, or 0.
 ///
-/// PowerShell's own rendering is plain text (`$PSStyle` is 7.2+): no ANSI colour codes in the
-/// output kept and shown to people. Windows PowerShell 5.1 runs this text too.
+/// `ConvertTo-Json` defaults to `-Depth 100` (its maximum) instead of 2, below which it cuts
+/// values to type names (with a warning on 7, silently on 5.1): a probe's facts or a step's
+/// JSON come out whole; an explicit `-Depth` still wins. PowerShell's own rendering is plain
+/// text (`$PSStyle` is 7.2+): no ANSI colour codes in the output kept and shown to people.
+/// Windows PowerShell 5.1 runs this text too.
 pub fn pwsh_wrapper(path: &str) -> String {
     format!(
-        "if ($PSStyle) {{ $PSStyle.OutputRendering = 'PlainText' }}; try {{ & {} }} catch {{ throw }}; exit $LASTEXITCODE",
+        "$PSDefaultParameterValues['ConvertTo-Json:Depth'] = 100; \
+         if ($PSStyle) {{ $PSStyle.OutputRendering = 'PlainText' }}; \
+         try {{ & {} }} catch {{ throw }}; exit $LASTEXITCODE",
         ps_single_quoted(path)
     )
 }

@@ -117,6 +117,20 @@ async fn probe_reports_pwsh_present_and_its_real_version() {
         d.facts["pwsh.version"], want,
         "the same version after a script"
     );
+
+    // The same without -Depth: ConvertTo-Json's default depth of 2 would cut `b` to a type name,
+    // silently (Windows PowerShell 5.1 does not even warn). The agent's pwsh runs with a default
+    // depth that keeps it whole.
+    let shallow = ProbeRequest {
+        script: Some(Script {
+            shell: Shell::Pwsh,
+            body: "[ordered]@{ role = 'web'; nest = [ordered]@{ a = [ordered]@{ b = [ordered]@{ c = 'deep' } } } } | ConvertTo-Json -Compress".into(),
+        }),
+        timeout_ms: 60_000,
+    };
+    let s = link.probe(shallow, LIMIT).await.unwrap();
+    assert_eq!(s.facts["probe.nest"], r#"{"a":{"b":{"c":"deep"}}}"#);
+    assert_eq!(s.fingerprint, d.fingerprint, "the same facts either way");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
