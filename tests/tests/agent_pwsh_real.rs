@@ -179,6 +179,19 @@ async fn error_action_stop_fails_the_step_with_the_error_on_stderr() {
         "{err}"
     );
     assert!(!err.contains('\u{1b}'), "no ANSI colour codes: {err:?}");
+
+    // A statement-terminating error stops the step too, as on the session host.
+    let (r, chunks) = run(
+        &link,
+        pwsh_step(
+            "ps/statement",
+            "Write-Output 'before'\n[int]::Parse('x')\nWrite-Output 'after'",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 1 });
+    let out = text(&chunks, Stream::Stdout);
+    assert!(out.contains("before") && !out.contains("after"), "{out}");
 }
 
 #[cfg(unix)]

@@ -168,13 +168,13 @@ async fn last_native_exit_code_of_a_step_reaches_the_result() {
     assert_eq!(r.status, ExecStatus::Exited { code: 7 });
     assert!(text(&chunks, Stream::Stdout).contains("start"));
 
+    // The next step on the same session starts from 0: the 7 does not leak into it.
+    let (r, _) = execute(&mut s, step("pit/after", "Write-Output 'no native here'")).await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 0 });
+
     // The last native command decides, not the first.
     let script = format!("{}\n{}", native(7), native(0));
     let (r, _) = execute(&mut s, step("pit/native0", &script)).await;
-    assert_eq!(r.status, ExecStatus::Exited { code: 0 });
-
-    // A step after a failed one starts from 0: the previous step's $LASTEXITCODE does not leak.
-    let (r, _) = execute(&mut s, step("pit/after", "Write-Output 'no native here'")).await;
     assert_eq!(r.status, ExecStatus::Exited { code: 0 });
     assert_eq!(s.spawns(), 1, "one session host for all of it");
 }
@@ -223,12 +223,26 @@ async fn error_action_stop_in_a_step_is_honoured_and_does_not_leak_into_the_next
             "{key}: the error was reported"
         );
     }
+
+    // A statement-terminating error stops a step as well (the agent's pwsh does the same).
+    let (r, chunks) = execute(
+        &mut s,
+        step(
+            "pit/statement",
+            "Write-Output 'before'\n[int]::Parse('x')\nWrite-Output 'after'",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 1 });
+    let out = text(&chunks, Stream::Stdout);
+    assert!(out.contains("before") && !out.contains("after"), "{out}");
     assert_eq!(s.spawns(), 1, "one session host for all of it");
 }
 
 /// Reads PowerShell files (its arguments), finds the assignments to `$Target*` variables, and checks
 /// that each one is a scriptblock literal whose text, parsed on its own, uses only the Windows
-/// PowerShell 5.1 language. Prints one JSON object: per file, the blocks found and violations.
+/// PowerShell 5.1 language. Prints one JSON object: per file, the blocks found and violations
+/// (each with the file's line number).
 const CHECK_PS51: &str = r#"
 param([Parameter(ValueFromRemainingArguments)][string[]]$Paths)
 Set-StrictMode -Version 3.0
@@ -303,15 +317,17 @@ foreach ($path in $Paths) {
         # What is sent is the scriptblock's text: [scriptblock]::ToString(), inside the braces.
         $outer = $right.Expression.Extent.Text
         $inner = $outer.Substring(1, $outer.Length - 2)
+        $offset = $right.Expression.Extent.StartLineNumber - 1
         $blocks[$name] = $inner.Length
         $innerTokens = $null
         $innerErrors = $null
         $ast = [System.Management.Automation.Language.Parser]::ParseInput($inner, [ref]$innerTokens, [ref]$innerErrors)
         foreach ($e in @($innerErrors)) {
-            if ($e) { $problems.Add([ordered]@{ block = $name; kind = 'parse_error'; line = $e.Extent.StartLineNumber; text = $e.Message }) }
+            if ($e) { $problems.Add([ordered]@{ block = $name; kind = 'parse_error'; line = $offset + $e.Extent.StartLineNumber; text = $e.Message }) }
         }
         foreach ($v in (Find-Violations $ast)) {
             $v['block'] = $name
+            $v['line'] = $offset + $v['line']
             $problems.Add($v)
         }
     }
