@@ -68,13 +68,24 @@ impl Shells {
     }
 
     /// Arguments that run a script file non-interactively.
+    ///
+    /// `pwsh` runs the file through [`pwsh_wrapper`], not `-File`: `pwsh -File` exits 0 when a
+    /// script ends without `exit n`, however its last native command exited, so a step whose
+    /// last act failed would look like a success.
     pub fn args(shell: Shell, script: &Path) -> Vec<std::ffi::OsString> {
         match shell {
-            Shell::Pwsh => ["-NoLogo", "-NoProfile", "-NonInteractive", "-File"]
-                .iter()
-                .map(Into::into)
-                .chain(std::iter::once(script.as_os_str().to_owned()))
-                .collect(),
+            Shell::Pwsh => {
+                let (flag, what) = match script.to_str() {
+                    Some(path) => ("-Command", pwsh_wrapper(path).into()),
+                    // Not expressible as PowerShell text: run it as a file, exit code and all.
+                    None => ("-File", script.as_os_str().to_owned()),
+                };
+                ["-NoLogo", "-NoProfile", "-NonInteractive", flag]
+                    .iter()
+                    .map(Into::into)
+                    .chain(std::iter::once(what))
+                    .collect()
+            }
             Shell::Sh => vec![script.as_os_str().to_owned()],
         }
     }
@@ -88,9 +99,66 @@ impl Shells {
     }
 }
 
+/// The `-Command` text that runs the script file at `path` and exits with what it meant, the
+/// session host's rule for a step's exit code (`session_host.ps1`, `$TargetInvoke`):
+///
+/// - `exit n` in the script: `n`;
+/// - an error that stops the script (a `throw`, an error under `$ErrorActionPreference =
+///   'Stop'`, a statement-terminating error, a script that does not parse): 1, the error on
+///   stderr as PowerShell prints it;
+/// - otherwise `$LASTEXITCODE`: the exit code of the last native command the script ran, or 0.
+///
+/// `ConvertTo-Json` defaults to `-Depth 100` (its maximum) instead of 2, below which it cuts
+/// values to type names (with a warning on 7, silently on 5.1): a probe's facts or a step's
+/// JSON come out whole; an explicit `-Depth` still wins. PowerShell's own rendering is plain
+/// text (`$PSStyle` is 7.2+): no ANSI colour codes in the output kept and shown to people.
+/// Windows PowerShell 5.1 runs this text too.
+pub fn pwsh_wrapper(path: &str) -> String {
+    format!(
+        "$PSDefaultParameterValues['ConvertTo-Json:Depth'] = 100; \
+         if ($PSStyle) {{ $PSStyle.OutputRendering = 'PlainText' }}; \
+         try {{ & {} }} catch {{ throw }}; exit $LASTEXITCODE",
+        ps_single_quoted(path)
+    )
+}
+
+/// `text` as a PowerShell single-quoted string literal (every single-quote character PowerShell
+/// accepts, the typographic ones included, doubled).
+fn ps_single_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('\'');
+    for c in text.chars() {
+        if matches!(c, '\'' | '\u{2018}' | '\u{2019}' | '\u{201A}' | '\u{201B}') {
+            out.push(c);
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pwsh_runs_the_file_through_the_wrapper_with_the_path_quoted() {
+        let args = Shells::args(Shell::Pwsh, Path::new("/state/it's \u{2019}x.ps1"));
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args[..4],
+            ["-NoLogo", "-NoProfile", "-NonInteractive", "-Command"]
+        );
+        assert!(
+            args[4].contains("& '/state/it''s \u{2019}\u{2019}x.ps1'"),
+            "{}",
+            args[4]
+        );
+        assert!(args[4].ends_with("exit $LASTEXITCODE"), "{}", args[4]);
+    }
 
     #[test]
     fn disallowed_and_missing_shells_say_why() {
