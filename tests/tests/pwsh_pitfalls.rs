@@ -131,9 +131,6 @@ async fn probe_facts_deeper_than_convert_to_json_default_depth_come_out_whole_or
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "session_host.ps1 $TargetProbe runs the probe script with ConvertTo-Json's default depth of 2: \
-            a script that pipes a deep object to plain ConvertTo-Json yields type names as facts, silently \
-            (bug reported; fix: set $PSDefaultParameterValues['ConvertTo-Json:Depth'] in $TargetProbe)"]
 async fn probe_script_with_default_depth_convert_to_json_is_not_silently_truncated() {
     let Some(pwsh) = tollgate_tests::real::pwsh("pwsh_pitfalls ConvertTo-Json default depth")
     else {

@@ -118,6 +118,7 @@ $TargetInvoke = {
     param([string]$Common, [string]$Key, [string]$RequestSha, [string]$Shell, [string]$Script, [hashtable]$Environment,
           [string]$WorkDir, [string]$StateDir, [string]$Instance)
     . ([scriptblock]::Create($Common))
+    $PSDefaultParameterValues = @{ 'ConvertTo-Json:Depth' = 100 }
     $ErrorActionPreference = 'Stop'
     if ($Shell -eq 'sh' -and -not (Get-Command sh -CommandType Application -ErrorAction SilentlyContinue)) {
         [pscustomobject]@{ __tollgate = 'capability'; shell = 'sh'; detail = 'sh not found on the target' }
@@ -250,6 +251,8 @@ $TargetQuery = {
 $TargetProbe = {
     param([string]$Common, [string]$Shell, [string]$Script, [string]$StateDir)
     . ([scriptblock]::Create($Common))
+    # ConvertTo-Json's default depth (2) turns deeper facts into type names without a word.
+    $PSDefaultParameterValues = @{ 'ConvertTo-Json:Depth' = 100 }
     $ErrorActionPreference = 'Stop'
     $facts = [ordered]@{}
     $facts['host.name'] = [Environment]::MachineName
