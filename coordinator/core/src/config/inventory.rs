@@ -67,7 +67,7 @@ pub enum Transport {
     /// A `tollgate-agent` over QUIC with mutual TLS.
     Agent(AgentTransport),
     /// A PowerShell remoting session supervised by the coordinator.
-    PsRemoting(PsRemoting),
+    PsRemoting(Box<PsRemoting>),
     /// The coordinator's own machine.
     Local,
 }
@@ -287,7 +287,7 @@ fn convert_transport(file: &str, key: &str, raw: RawTransport) -> Result<Transpo
     }
     if let Some(p) = raw.psremoting {
         return convert_psremoting(file, &format!("{key}.psremoting"), p)
-            .map(Transport::PsRemoting);
+            .map(|p| Transport::PsRemoting(Box::new(p)));
     }
     Ok(Transport::Local)
 }
