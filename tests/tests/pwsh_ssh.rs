@@ -328,3 +328,36 @@ async fn ssh_target_pwsh_killed_mid_step_is_uncertain_and_the_session_reopens() 
     assert!(out.contains("again"));
     assert_eq!(s.spawns(), 2, "one new session host after the break");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_last_native_exit_code_and_errors_cross_the_remoting_boundary() {
+    let Some(t) = Target::start(Ipv4Addr::new(127, 0, 0, 39)) else {
+        return;
+    };
+    let mut s = t.session();
+    // $LASTEXITCODE lives in the target's runspace; it does not cross remoting by itself.
+    let (r, out) = execute(
+        &mut s,
+        step(
+            "ssh/native",
+            "Write-Output 'before'\nsh -c 'exit 7'",
+            60_000,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 7 }, "{out}");
+    // A terminating error on the target is exit 1, its record kept.
+    let (r, _) = execute(
+        &mut s,
+        step(
+            "ssh/throw",
+            "$ErrorActionPreference = 'Stop'\nGet-Item -LiteralPath '/nonexistent/tollgate'\nWrite-Output 'after'",
+            60_000,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 1 });
+    let e = s.last_script_error().expect("the error record crossed");
+    assert_eq!(e.category, "ObjectNotFound");
+    assert_eq!(s.spawns(), 1);
+}
