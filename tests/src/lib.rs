@@ -10,6 +10,7 @@ pub mod lab;
 pub mod netns;
 pub mod operations;
 pub mod proc;
+pub mod pwsh;
 pub mod real;
 pub mod results;
 pub mod seeds;

@@ -5,7 +5,6 @@
 //! `TOLLGATE_REQUIRE_PWSH=1`: then a missing pwsh fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use tollgate_protocol::agent::{
     Stream,
 };
 use tollgate_tests::fleet::{AgentOptions, AgentProcess, TestPki};
+use tollgate_tests::pwsh::{ps_path, stream_text};
 
 /// A pwsh process start costs seconds on a cold, shared machine.
 const LIMIT: Duration = Duration::from_secs(90);
@@ -31,14 +31,7 @@ async fn agent(pki: &TestPki, name: &str, octet: u8, pwsh: &Path) -> (AgentProce
 }
 
 fn pwsh_step(key: &str, script: &str) -> ExecuteRequest {
-    ExecuteRequest {
-        idempotency_key: key.to_string(),
-        shell: Shell::Pwsh,
-        script: script.to_string(),
-        env: BTreeMap::new(),
-        working_dir: None,
-        timeout_ms: 60_000,
-    }
+    tollgate_tests::pwsh::step(key, Shell::Pwsh, script, 60_000)
 }
 
 async fn run(link: &AgentLink, req: ExecuteRequest) -> (ExecResult, Vec<OutputChunk>) {
@@ -48,19 +41,6 @@ async fn run(link: &AgentLink, req: ExecuteRequest) -> (ExecResult, Vec<OutputCh
         .expect("in time")
         .expect("executed");
     (r, chunks)
-}
-
-fn text(chunks: &[OutputChunk], stream: Stream) -> String {
-    chunks
-        .iter()
-        .filter(|c| c.stream == stream)
-        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
-        .collect()
-}
-
-/// A path as a single-quoted PowerShell string.
-fn ps_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', "''"))
 }
 
 /// `$PSVersionTable.PSVersion` of `pwsh`, asked directly.
@@ -144,7 +124,7 @@ async fn pwsh_step_exit_code_and_output_reach_the_result() {
     let (r, chunks) = run(&link, pwsh_step("ps/exit3", script)).await;
     assert_eq!(r.status, ExecStatus::Exited { code: 3 });
     assert!(!r.replayed);
-    let out = text(&chunks, Stream::Stdout);
+    let out = stream_text(&chunks, Stream::Stdout);
     assert!(
         out.contains("one") && out.contains("agent=spiffe://test/agent/ps2"),
         "{out}"
@@ -163,15 +143,15 @@ async fn error_action_stop_fails_the_step_with_the_error_on_stderr() {
     let missing = pki.root().join("not-here-at-all");
     let script = format!(
         "$ErrorActionPreference = 'Stop'\nWrite-Output 'before'\nGet-Item -LiteralPath {}\nWrite-Output 'after'",
-        ps_quote(&missing)
+        ps_path(&missing)
     );
     let (r, chunks) = run(&link, pwsh_step("ps/stop", &script)).await;
     match r.status {
         ExecStatus::Exited { code } => assert_ne!(code, 0, "a failed cmdlet under Stop"),
         other => panic!("expected a non-zero exit, got {other:?}"),
     }
-    let out = text(&chunks, Stream::Stdout);
-    let err = text(&chunks, Stream::Stderr);
+    let out = stream_text(&chunks, Stream::Stdout);
+    let err = stream_text(&chunks, Stream::Stderr);
     assert!(out.contains("before") && !out.contains("after"), "{out}");
     // PowerShell wraps the message at the host's width; the words are there, in plain text.
     assert!(
@@ -190,7 +170,7 @@ async fn error_action_stop_fails_the_step_with_the_error_on_stderr() {
     )
     .await;
     assert_eq!(r.status, ExecStatus::Exited { code: 1 });
-    let out = text(&chunks, Stream::Stdout);
+    let out = stream_text(&chunks, Stream::Stdout);
     assert!(out.contains("before") && !out.contains("after"), "{out}");
 }
 
@@ -209,7 +189,7 @@ async fn last_native_exit_code_reaches_the_result() {
     )
     .await;
     assert_eq!(r.status, ExecStatus::Exited { code: 7 });
-    assert!(text(&chunks, Stream::Stdout).contains("start"));
+    assert!(stream_text(&chunks, Stream::Stdout).contains("start"));
     // A native success after a failure: the last one decides.
     let (r, _) = run(
         &link,
@@ -223,7 +203,9 @@ async fn last_native_exit_code_reaches_the_result() {
     // A script that does not parse is a failure, not a success.
     let (r, chunks) = run(&link, pwsh_step("ps/parse", "if (")).await;
     match r.status {
-        ExecStatus::Exited { code } => assert_ne!(code, 0, "{}", text(&chunks, Stream::Stderr)),
+        ExecStatus::Exited { code } => {
+            assert_ne!(code, 0, "{}", stream_text(&chunks, Stream::Stderr))
+        }
         other => panic!("expected a non-zero exit, got {other:?}"),
     }
 }
@@ -238,12 +220,12 @@ async fn the_same_key_twice_runs_once() {
     let target = pki.root().join("appended.txt");
     let script = format!(
         "Add-Content -LiteralPath {} -Value 'ran'\nWrite-Output 'appended'",
-        ps_quote(&target)
+        ps_path(&target)
     );
     let (first, chunks) = run(&link, pwsh_step("ps/once", &script)).await;
     assert_eq!(first.status, ExecStatus::Exited { code: 0 });
     assert!(!first.replayed);
-    assert!(text(&chunks, Stream::Stdout).contains("appended"));
+    assert!(stream_text(&chunks, Stream::Stdout).contains("appended"));
     let (second, _) = run(&link, pwsh_step("ps/once", &script)).await;
     assert!(second.replayed, "{second:?}");
     assert_eq!(second.status, first.status);

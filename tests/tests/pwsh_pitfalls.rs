@@ -7,47 +7,19 @@
 //! `TOLLGATE_REQUIRE_PWSH=1`: then a missing pwsh fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tollgate_coordinator::transport::pwsh::{
-    PwshMode, PwshSession, PwshSettings, SESSION_HOST_SCRIPT, SessionError,
-};
+use tollgate_coordinator::transport::pwsh::{PwshSession, SESSION_HOST_SCRIPT, SessionError};
 use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{
-    ExecResult, ExecStatus, ExecuteRequest, OutputChunk, ProbeReport, ProbeRequest, Script, Stream,
+    ExecStatus, ExecuteRequest, ProbeReport, ProbeRequest, Script, Stream,
 };
+use tollgate_tests::pwsh::{LIMIT, execute, local_session, ps_path, stream_text};
 
-const LIMIT: Duration = Duration::from_secs(120);
-
-fn session(pwsh: PathBuf, dir: &tempfile::TempDir) -> PwshSession {
-    let mut s = PwshSettings::new(pwsh, PwshMode::None);
-    s.state_dir = Some(dir.path().join("state").to_string_lossy().into_owned());
-    s.connect_timeout = Duration::from_secs(60);
-    s.request_timeout = Duration::from_secs(30);
-    s.answer_margin = Duration::from_secs(30);
-    PwshSession::new("local".into(), s)
-}
-
+/// A PowerShell step with the usual minute.
 fn step(key: &str, script: &str) -> ExecuteRequest {
-    ExecuteRequest {
-        idempotency_key: key.to_string(),
-        shell: Shell::Pwsh,
-        script: script.to_string(),
-        env: BTreeMap::new(),
-        working_dir: None,
-        timeout_ms: 60_000,
-    }
-}
-
-async fn execute(s: &mut PwshSession, req: ExecuteRequest) -> (ExecResult, Vec<OutputChunk>) {
-    let mut chunks = Vec::new();
-    let r = tokio::time::timeout(LIMIT, s.execute(req, |c| chunks.push(c)))
-        .await
-        .expect("in time")
-        .expect("executed");
-    (r, chunks)
+    tollgate_tests::pwsh::step(key, Shell::Pwsh, script, 60_000)
 }
 
 async fn probe(s: &mut PwshSession, body: &str) -> Result<ProbeReport, SessionError> {
@@ -63,24 +35,6 @@ async fn probe(s: &mut PwshSession, body: &str) -> Result<ProbeReport, SessionEr
         .expect("in time")
 }
 
-fn text(chunks: &[OutputChunk], stream: Stream) -> String {
-    chunks
-        .iter()
-        .filter(|c| c.stream == stream)
-        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
-        .collect()
-}
-
-/// A string as a single-quoted PowerShell literal.
-fn ps_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-fn ps_path(p: &Path) -> String {
-    ps_quote(&p.display().to_string())
-}
-
-/// Four levels of nesting: `ConvertTo-Json` without `-Depth` (2) cuts `b`'s value to a type name.
 const DEEP: &str = "[ordered]@{ role = 'web'; nest = [ordered]@{ a = [ordered]@{ b = [ordered]@{ c = 'deep' } } } }";
 const DEEP_JSON: &str = r#"{"a":{"b":{"c":"deep"}}}"#;
 
@@ -90,7 +44,7 @@ async fn probe_facts_deeper_than_convert_to_json_default_depth_come_out_whole_or
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
 
     // The session host hands the script's text through as it printed it; it serialises no
     // script output itself, so depth 4 arrives whole.
@@ -137,7 +91,7 @@ async fn probe_script_with_default_depth_convert_to_json_is_not_silently_truncat
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     match probe(&mut s, &format!("{DEEP} | ConvertTo-Json -Compress")).await {
         Ok(r) => assert_eq!(r.facts["probe.nest"], DEEP_JSON, "{:?}", r.facts),
         Err(SessionError::ProbeMalformed(_) | SessionError::ProbeFailed(_)) => {}
@@ -158,12 +112,12 @@ async fn last_native_exit_code_of_a_step_reaches_the_result() {
         )
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh.clone(), &dir);
+    let mut s = local_session(pwsh.clone(), dir.path());
 
     let script = format!("Write-Output 'start'\n{}", native(7));
     let (r, chunks) = execute(&mut s, step("pit/native7", &script)).await;
     assert_eq!(r.status, ExecStatus::Exited { code: 7 });
-    assert!(text(&chunks, Stream::Stdout).contains("start"));
+    assert!(stream_text(&chunks, Stream::Stdout).contains("start"));
 
     // The next step on the same session starts from 0: the 7 does not leak into it.
     let (r, _) = execute(&mut s, step("pit/after", "Write-Output 'no native here'")).await;
@@ -182,7 +136,7 @@ async fn error_action_stop_in_a_step_is_honoured_and_does_not_leak_into_the_next
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     let missing = ps_path(&dir.path().join("not-here"));
 
     for (key, set) in [
@@ -194,7 +148,7 @@ async fn error_action_stop_in_a_step_is_honoured_and_does_not_leak_into_the_next
         );
         let (r, chunks) = execute(&mut s, step(key, &script)).await;
         assert_eq!(r.status, ExecStatus::Exited { code: 1 }, "{key}");
-        let out = text(&chunks, Stream::Stdout);
+        let out = stream_text(&chunks, Stream::Stdout);
         assert!(
             out.contains("before") && !out.contains("after"),
             "{key}: {out}"
@@ -210,13 +164,13 @@ async fn error_action_stop_in_a_step_is_honoured_and_does_not_leak_into_the_next
         );
         let (r, chunks) = execute(&mut s, step(&format!("{key}/next"), &next)).await;
         assert_eq!(r.status, ExecStatus::Exited { code: 0 }, "{key}");
-        let out = text(&chunks, Stream::Stdout);
+        let out = stream_text(&chunks, Stream::Stdout);
         assert!(
             out.contains("eap=Continue") && out.contains("after"),
             "{key}: {out}"
         );
         assert!(
-            text(&chunks, Stream::Stderr).contains("not-here"),
+            stream_text(&chunks, Stream::Stderr).contains("not-here"),
             "{key}: the error was reported"
         );
     }
@@ -231,7 +185,7 @@ async fn error_action_stop_in_a_step_is_honoured_and_does_not_leak_into_the_next
     )
     .await;
     assert_eq!(r.status, ExecStatus::Exited { code: 1 });
-    let out = text(&chunks, Stream::Stdout);
+    let out = stream_text(&chunks, Stream::Stdout);
     assert!(out.contains("before") && !out.contains("after"), "{out}");
     assert_eq!(s.spawns(), 1, "one session host for all of it");
 }

@@ -4,71 +4,26 @@
 //! `TOLLGATE_REQUIRE_PWSH=1` (CI sets it once it has installed pwsh): then a missing pwsh fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tollgate_coordinator::transport::pwsh::{PwshMode, PwshSession, PwshSettings, SessionHealth};
 use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{
-    ExecResult, ExecStatus, ExecuteRequest, IdempotencyStatus, OutputChunk, ProbeRequest, Script,
-    Stream, fingerprint,
+    ExecStatus, IdempotencyStatus, ProbeRequest, Script, Stream, fingerprint,
 };
-
-const LIMIT: Duration = Duration::from_secs(120);
+use tollgate_tests::pwsh::{LIMIT, execute, local_session, ps_path, step, stream_text};
 
 /// `pwsh` from PATH, or `None` after saying that these tests did not run.
 fn real_pwsh() -> Option<PathBuf> {
     tollgate_tests::real::pwsh("real-pwsh tests")
 }
 
-fn session(pwsh: PathBuf, dir: &tempfile::TempDir) -> PwshSession {
-    let mut s = PwshSettings::new(pwsh, PwshMode::None);
-    s.state_dir = Some(dir.path().join("state").to_string_lossy().into_owned());
-    s.connect_timeout = Duration::from_secs(60);
-    s.request_timeout = Duration::from_secs(30);
-    s.answer_margin = Duration::from_secs(30);
-    PwshSession::new("local".into(), s)
-}
-
-fn step(key: &str, shell: Shell, script: &str, timeout_ms: u64) -> ExecuteRequest {
-    ExecuteRequest {
-        idempotency_key: key.to_string(),
-        shell,
-        script: script.to_string(),
-        env: BTreeMap::from([("TOLLGATE_STEP".to_string(), "deploy.1".to_string())]),
-        working_dir: None,
-        timeout_ms,
-    }
-}
-
-async fn execute(s: &mut PwshSession, req: ExecuteRequest) -> (ExecResult, Vec<OutputChunk>) {
-    let mut chunks = Vec::new();
-    let r = tokio::time::timeout(LIMIT, s.execute(req, |c| chunks.push(c)))
-        .await
-        .expect("in time")
-        .expect("executed");
-    (r, chunks)
-}
-
-fn stream_text(chunks: &[OutputChunk], stream: Stream) -> String {
-    chunks
-        .iter()
-        .filter(|c| c.stream == stream)
-        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
-        .collect()
-}
-
-/// A path as a single-quoted PowerShell string.
-fn ps_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', "''"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_pwsh_probe_reports_facts() {
     let Some(pwsh) = real_pwsh() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     let req = ProbeRequest {
         script: Some(Script {
             shell: Shell::Pwsh,
@@ -93,7 +48,7 @@ async fn real_pwsh_probe_reports_facts() {
 async fn real_pwsh_streams_output_errors_and_exit_code() {
     let Some(pwsh) = real_pwsh() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     let script = "Write-Output 'one'\nWrite-Error 'two'\nWrite-Warning 'three'\nWrite-Output $env:TOLLGATE_STEP\nexit 3";
     let (r, chunks) = execute(&mut s, step("real/out", Shell::Pwsh, script, 60_000)).await;
     assert_eq!(r.status, ExecStatus::Exited { code: 3 });
@@ -112,11 +67,11 @@ async fn real_pwsh_streams_output_errors_and_exit_code() {
 async fn real_pwsh_terminating_error_has_message_and_category() {
     let Some(pwsh) = real_pwsh() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     let missing = dir.path().join("not-here");
     let script = format!(
         "Write-Output 'before'\nGet-Item -LiteralPath {} -ErrorAction Stop\nWrite-Output 'after'",
-        ps_quote(&missing)
+        ps_path(&missing)
     );
     let (r, chunks) = execute(&mut s, step("real/throw", Shell::Pwsh, &script, 60_000)).await;
     assert_eq!(r.status, ExecStatus::Exited { code: 1 });
@@ -131,12 +86,9 @@ async fn real_pwsh_terminating_error_has_message_and_category() {
 async fn real_pwsh_runs_a_key_exactly_once() {
     let Some(pwsh) = real_pwsh() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     let target = dir.path().join("appended.txt");
-    let script = format!(
-        "Add-Content -LiteralPath {} -Value 'ran'",
-        ps_quote(&target)
-    );
+    let script = format!("Add-Content -LiteralPath {} -Value 'ran'", ps_path(&target));
     let (first, _) = execute(&mut s, step("real/once", Shell::Pwsh, &script, 60_000)).await;
     assert_eq!(first.status, ExecStatus::Exited { code: 0 });
     let (second, _) = execute(&mut s, step("real/once", Shell::Pwsh, &script, 60_000)).await;
@@ -156,7 +108,7 @@ async fn real_pwsh_runs_a_key_exactly_once() {
 async fn real_pwsh_times_out_and_cancels() {
     let Some(pwsh) = real_pwsh() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     let script = "Write-Output 'started'\nStart-Sleep -Seconds 120";
     let (r, _) = execute(&mut s, step("real/slow", Shell::Pwsh, script, 1500)).await;
     assert_eq!(r.status, ExecStatus::TimedOut);
@@ -187,7 +139,7 @@ async fn real_pwsh_times_out_and_cancels() {
 async fn real_pwsh_runs_sh_steps() {
     let Some(pwsh) = real_pwsh() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     let (r, chunks) = execute(
         &mut s,
         step("real/sh", Shell::Sh, "echo hi\nexit 4", 60_000),
@@ -201,7 +153,7 @@ async fn real_pwsh_runs_sh_steps() {
 async fn real_pwsh_refuses_a_key_reused_for_another_script() {
     let Some(pwsh) = real_pwsh() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     let (first, _) = execute(
         &mut s,
         step("real/conflict", Shell::Pwsh, "Write-Output one", 60_000),
@@ -231,7 +183,7 @@ async fn real_pwsh_refuses_a_key_reused_for_another_script() {
 async fn real_pwsh_reports_a_step_that_does_not_parse() {
     let Some(pwsh) = real_pwsh() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     let (r, chunks) = execute(
         &mut s,
         step(
@@ -256,7 +208,7 @@ async fn real_pwsh_reports_a_step_that_does_not_parse() {
 async fn real_pwsh_step_writing_to_the_contract_channel_is_killed_and_uncertain() {
     let Some(pwsh) = real_pwsh() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     // In-process (local mode) a step can reach the session host's own stdout.
     let script = "[Console]::Out.WriteLine('not the contract')\nStart-Sleep -Seconds 30";
     let r = tokio::time::timeout(
@@ -287,11 +239,11 @@ async fn real_pwsh_step_writing_to_the_contract_channel_is_killed_and_uncertain(
 async fn real_pwsh_session_host_killed_mid_step_is_uncertain_and_never_rerun() {
     let Some(pwsh) = real_pwsh() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = session(pwsh, &dir);
+    let mut s = local_session(pwsh, dir.path());
     let target = dir.path().join("destroyed.txt");
     let script = format!(
         "Write-Output 'started'\nStart-Sleep -Seconds 60\nAdd-Content -LiteralPath {} -Value x",
-        ps_quote(&target)
+        ps_path(&target)
     );
     let (_, _) = execute(
         &mut s,

@@ -7,7 +7,6 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -88,14 +87,7 @@ impl Target {
 }
 
 fn step(key: &str, script: &str, timeout_ms: u64) -> ExecuteRequest {
-    ExecuteRequest {
-        idempotency_key: key.to_string(),
-        shell: Shell::Pwsh,
-        script: script.to_string(),
-        env: BTreeMap::from([("TOLLGATE_STEP".to_string(), "deploy.1".to_string())]),
-        working_dir: None,
-        timeout_ms,
-    }
+    tollgate_tests::pwsh::step(key, Shell::Pwsh, script, timeout_ms)
 }
 
 fn probe_request() -> ProbeRequest {
