@@ -734,3 +734,185 @@ fn parse_batch(text: &str) -> Option<Batch> {
         (n >= 1).then_some(Batch::Count(n))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::{Transport, parse_inventory};
+
+    fn parse(text: &str) -> CoordinatorConfig {
+        parse_coordinator(text, "coord.toml").unwrap()
+    }
+
+    #[test]
+    fn psremoting_defaults() {
+        assert_eq!(parse("").psremoting, PsRemotingSettings::default());
+        let d = PsRemotingSettings::default();
+        assert_eq!(
+            (
+                d.open_timeout_ms,
+                d.request_timeout_ms,
+                d.restart_backoff_ms,
+                d.restart_backoff_max_ms
+            ),
+            (60_000, 15_000, 100, 5_000)
+        );
+        assert_eq!(d.ssh, SshOptions::default());
+    }
+
+    #[test]
+    fn psremoting_keys_are_read() {
+        let cfg = parse(
+            r#"
+[psremoting]
+known_hosts = "known_hosts"
+subsystem = "pwsh"
+ssh_options = { ProxyJump = "bastion" }
+connect_timeout = "20s"
+keepalive = 30
+open_timeout = "2m"
+request_timeout = "30s"
+restart_backoff = "250ms"
+restart_backoff_max = "1m"
+"#,
+        );
+        let p = &cfg.psremoting;
+        assert_eq!(p.ssh.known_hosts, Some(PathBuf::from("known_hosts")));
+        assert_eq!(p.ssh.subsystem.as_deref(), Some("pwsh"));
+        assert_eq!(
+            p.ssh.ssh_options.get("ProxyJump").map(String::as_str),
+            Some("bastion")
+        );
+        assert_eq!(
+            (p.ssh.connect_timeout_ms, p.ssh.keepalive_ms),
+            (Some(20_000), Some(30_000))
+        );
+        assert_eq!(
+            (
+                p.open_timeout_ms,
+                p.request_timeout_ms,
+                p.restart_backoff_ms,
+                p.restart_backoff_max_ms
+            ),
+            (120_000, 30_000, 250, 60_000)
+        );
+    }
+
+    #[test]
+    fn ssh_for_lets_the_host_win_and_overlays_options() {
+        let cfg = parse(
+            r#"
+[psremoting]
+known_hosts = "/etc/tollgate/known_hosts"
+subsystem = "powershell"
+connect_timeout = "10s"
+ssh_options = { ProxyJump = "bastion", Ciphers = "aes256-gcm@openssh.com" }
+"#,
+        );
+        let inv = parse_inventory(
+            r#"
+[[hosts]]
+name = "db1"
+role = "db"
+safety_class = "standard"
+transport.psremoting = { host_name = "db1", keepalive = "15s", connect_timeout = "30s", ssh_options = { proxyjump = "bastion2", Compression = "yes" } }
+"#,
+            "inv.toml",
+        )
+        .unwrap();
+        let Some(Transport::PsRemoting(host)) = inv.host("db1").map(|h| &h.transport) else {
+            panic!("db1 is a psremoting host")
+        };
+        let ssh = cfg.psremoting.ssh_for(host);
+        assert_eq!(
+            ssh,
+            SshOptions {
+                known_hosts: Some("/etc/tollgate/known_hosts".into()),
+                subsystem: Some("powershell".into()),
+                ssh_options: BTreeMap::from([
+                    ("Ciphers".to_owned(), "aes256-gcm@openssh.com".to_owned()),
+                    ("Compression".to_owned(), "yes".to_owned()),
+                    ("ProxyJump".to_owned(), "bastion2".to_owned()),
+                ]),
+                connect_timeout_ms: Some(30_000),
+                keepalive_ms: Some(15_000),
+            }
+        );
+    }
+
+    #[test]
+    fn resolve_relative_to_resolves_every_coordinator_path() {
+        let cfg = parse(
+            r#"
+state_dir = "~/tollgate-state"
+inventory = "/srv/fleet/inventory.toml"
+pwsh = "bin/pwsh"
+[tls]
+crl = "pki/crl.pem"
+[psremoting]
+known_hosts = "~/.ssh/known_hosts"
+"#,
+        )
+        .resolve_relative_to(Path::new("/etc/tollgate"), Some(Path::new("/home/op")))
+        .unwrap();
+        assert_eq!(cfg.state_dir, PathBuf::from("/home/op/tollgate-state"));
+        assert_eq!(
+            cfg.tokens.signing_key,
+            PathBuf::from("/home/op/tollgate-state/token-signing.pk8")
+        );
+        assert_eq!(cfg.inventory, PathBuf::from("/srv/fleet/inventory.toml"));
+        assert_eq!(
+            cfg.operations,
+            PathBuf::from("/etc/tollgate/operations.toml")
+        );
+        assert_eq!(cfg.tls.ca, PathBuf::from("/etc/tollgate/pki/ca.pem"));
+        assert_eq!(
+            cfg.tls.crl,
+            Some(PathBuf::from("/etc/tollgate/pki/crl.pem"))
+        );
+        assert_eq!(
+            cfg.psremoting.ssh.known_hosts,
+            Some(PathBuf::from("/home/op/.ssh/known_hosts"))
+        );
+        assert_eq!(cfg.pwsh, "/etc/tollgate/bin/pwsh");
+    }
+
+    #[test]
+    fn a_bare_pwsh_stays_a_name_and_a_tilde_pwsh_is_a_path() {
+        let resolve = |pwsh: &str| {
+            parse(&format!("pwsh = {pwsh:?}"))
+                .resolve_relative_to(Path::new("/etc/tollgate"), Some(Path::new("/home/op")))
+                .map(|c| c.pwsh)
+        };
+        assert_eq!(resolve("pwsh"), Ok("pwsh".to_owned()));
+        assert_eq!(resolve("pwsh-preview"), Ok("pwsh-preview".to_owned()));
+        assert_eq!(resolve("~/bin/pwsh"), Ok("/home/op/bin/pwsh".to_owned()));
+        assert_eq!(
+            resolve("/opt/microsoft/powershell/7/pwsh"),
+            Ok("/opt/microsoft/powershell/7/pwsh".to_owned())
+        );
+        let err = resolve("~admin/bin/pwsh").unwrap_err();
+        assert_eq!((err.file(), err.key()), ("coord.toml", "pwsh"));
+    }
+
+    #[test]
+    fn resolve_relative_to_names_the_key_it_cannot_resolve() {
+        let err = parse("[psremoting]\nknown_hosts = \"~/.ssh/known_hosts\"")
+            .resolve_relative_to(Path::new("/etc/tollgate"), None)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "coord.toml: psremoting.known_hosts: \"~/.ssh/known_hosts\": no home directory is \
+             known to expand `~`; write the full path"
+        );
+        let err = parse("[tls]\nca = \"~ca/ca.pem\"")
+            .resolve_relative_to(Path::new("/etc/tollgate"), Some(Path::new("/home/op")))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "coord.toml: tls.ca: \"~ca/ca.pem\": ~user is not expanded; write the full path"
+        );
+    }
+}

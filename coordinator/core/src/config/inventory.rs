@@ -66,7 +66,8 @@ pub struct Host {
 pub enum Transport {
     /// A `tollgate-agent` over QUIC with mutual TLS.
     Agent(AgentTransport),
-    /// A PowerShell remoting session supervised by the coordinator.
+    /// A PowerShell remoting session supervised by the coordinator (boxed: its SSH settings
+    /// make it several times the size of the other variants).
     PsRemoting(Box<PsRemoting>),
     /// The coordinator's own machine.
     Local,
@@ -493,4 +494,108 @@ fn validate_agent(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SSH_HOST: &str = r#"
+[[hosts]]
+name = "db1"
+role = "db"
+safety_class = "protected"
+[hosts.transport.psremoting]
+host_name = "db1.corp.example"
+user = "deploy"
+key_file = "keys/deploy_ed25519"
+known_hosts = "~/.ssh/fleet_known_hosts"
+subsystem = "powershell"
+connect_timeout = "10s"
+keepalive = "15s"
+ssh_options = { proxyjump = "bastion", Ciphers = "aes256-gcm@openssh.com" }
+state_dir = "~/.local/state/tollgate"
+
+[[hosts]]
+name = "web1"
+role = "web"
+safety_class = "standard"
+transport.psremoting = { computer_name = "web1.corp.example" }
+"#;
+
+    fn psremoting(inv: &Inventory, name: &str) -> PsRemoting {
+        match &inv.host(name).map(|h| &h.transport) {
+            Some(Transport::PsRemoting(p)) => (**p).clone(),
+            other => panic!("{name} is not a psremoting host: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ssh_keys_are_read() {
+        let inv = parse_inventory(SSH_HOST, "inv.toml").unwrap();
+        let db = psremoting(&inv, "db1");
+        assert_eq!(db.key_file, Some(PathBuf::from("keys/deploy_ed25519")));
+        assert_eq!(
+            db.ssh,
+            SshOptions {
+                known_hosts: Some("~/.ssh/fleet_known_hosts".into()),
+                subsystem: Some("powershell".into()),
+                ssh_options: BTreeMap::from([
+                    ("Ciphers".to_owned(), "aes256-gcm@openssh.com".to_owned()),
+                    ("ProxyJump".to_owned(), "bastion".to_owned()),
+                ]),
+                connect_timeout_ms: Some(10_000),
+                keepalive_ms: Some(15_000),
+            }
+        );
+        assert_eq!(psremoting(&inv, "web1").ssh, SshOptions::default());
+    }
+
+    #[test]
+    fn resolve_paths_resolves_key_file_and_known_hosts_only() {
+        let inv = parse_inventory(SSH_HOST, "inv.toml")
+            .unwrap()
+            .resolve_paths(Path::new("/etc/tollgate"), Some(Path::new("/home/op")))
+            .unwrap();
+        let db = psremoting(&inv, "db1");
+        assert_eq!(
+            db.key_file,
+            Some(PathBuf::from("/etc/tollgate/keys/deploy_ed25519"))
+        );
+        assert_eq!(
+            db.ssh.known_hosts,
+            Some(PathBuf::from("/home/op/.ssh/fleet_known_hosts"))
+        );
+        assert_eq!(
+            db.state_dir.as_deref(),
+            Some("~/.local/state/tollgate"),
+            "a path on the target host is passed as written"
+        );
+        assert_eq!(inv.source(), "inv.toml");
+    }
+
+    #[test]
+    fn resolve_paths_names_the_key_it_cannot_resolve() {
+        let inv = parse_inventory(SSH_HOST, "inv.toml").unwrap();
+        let err = inv
+            .clone()
+            .resolve_paths(Path::new("/etc/tollgate"), None)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "inv.toml: hosts[0].transport.psremoting.known_hosts: \"~/.ssh/fleet_known_hosts\": \
+             no home directory is known to expand `~`; write the full path"
+        );
+        let text = SSH_HOST.replace("keys/deploy_ed25519", "~deploy/.ssh/id");
+        let err = parse_inventory(&text, "inv.toml")
+            .unwrap()
+            .resolve_paths(Path::new("/etc/tollgate"), Some(Path::new("/home/op")))
+            .unwrap_err();
+        assert_eq!(err.key(), "hosts[0].transport.psremoting.key_file");
+        assert!(
+            err.reason()
+                .ends_with("~user is not expanded; write the full path"),
+            "{err}"
+        );
+    }
 }

@@ -24,13 +24,23 @@
 //! role = "db"
 //! safety_class = "protected"
 //! [hosts.transport.psremoting]
-//! computer_name = "db1.corp.example"   # WinRM; or host_name = "..." for SSH (exactly one)
-//! transport = "wsman"                  # optional; must match: computer_name=wsman, host_name=ssh
-//! port = 5986                          # optional
-//! configuration_name = "Tollgate"      # optional, wsman only
-//! credential_ref = "db-admin"          # optional, wsman only (a name, never a secret)
-//! # user = "deploy", key_file = "~/.ssh/id_ed25519"   # ssh only
-//! # state_dir = "D:\\Tollgate"       # optional: idempotency markers on the target
+//! host_name = "db1.corp.example"       # SSH; or computer_name = "..." for WinRM (exactly one)
+//! transport = "ssh"                    # optional; must match: host_name=ssh, computer_name=wsman
+//! port = 22                            # optional
+//! # ssh only (each refused with computer_name / transport = "wsman"); known_hosts, subsystem,
+//! # connect_timeout, keepalive and ssh_options left out take coordinator.toml's [psremoting]
+//! # defaults, else the ssh client's:
+//! user = "deploy"
+//! key_file = "~/.ssh/id_ed25519"       # private key on the coordinator's machine
+//! known_hosts = "keys/known_hosts"     # the only known_hosts file consulted (pre-seed it)
+//! subsystem = "powershell"             # sshd subsystem: non-empty, only A-Z a-z 0-9 . _ -
+//! connect_timeout = "10s"              # whole seconds, 1s..5m (ssh ConnectTimeout)
+//! keepalive = "15s"                    # whole seconds, 1s..1h (ssh ServerAliveInterval)
+//! ssh_options = { ProxyJump = "bastion.corp.example", Ciphers = "aes256-gcm@openssh.com" }
+//! state_dir = "/var/lib/tollgate"      # optional: idempotency markers, a path on the TARGET
+//! # WinRM instead: computer_name = "db1.corp.example", transport = "wsman", port = 5986,
+//! # configuration_name = "Tollgate", credential_ref = "db-admin" (a name, never a secret);
+//! # both wsman only.
 //!
 //! [[hosts]]
 //! name = "admin"
@@ -41,6 +51,19 @@
 //!
 //! Rules: at least one host; unique names; agent `address` is `HOST:PORT`; agent `identity` is
 //! `spiffe://FLEET/agent/NAME` with NAME the host's own name (so identities are unique too).
+//!
+//! `ssh_options` are extra `ssh -o NAME=VALUE` options from an allow-list ([`ALLOWED_SSH_OPTIONS`]:
+//! AddressFamily, BindAddress, Ciphers, Compression, ConnectionAttempts, HostKeyAlgorithms,
+//! IPQoS, KexAlgorithms, MACs, ProxyJump, PubkeyAcceptedAlgorithms, RekeyLimit,
+//! ServerAliveCountMax, TCPKeepAlive), names in any letter case. Refused, with the way to say
+//! it: ConnectTimeout (`connect_timeout`), ServerAliveInterval (`keepalive`),
+//! UserKnownHostsFile and GlobalKnownHostsFile (`known_hosts`), IdentityFile (`key_file`);
+//! StrictHostKeyChecking, BatchMode, IdentitiesOnly and PasswordAuthentication are always set
+//! by Tollgate (host keys are checked strictly, never prompted). A value is a string of 1 to
+//! 256 bytes with no whitespace, control character, quote, `=`, `;`, `{`, `}`, `$` or backtick.
+//!
+//! `key_file` and `known_hosts` are relative to the inventory's directory, with `~` expanded
+//! ([`Inventory::resolve_paths`]); `state_dir` is a path on the target and is never resolved.
 //!
 //! # `operations.toml`
 //!
@@ -83,7 +106,8 @@
 //! state_dir = "state"                # journals and run artifacts
 //! inventory = "inventory.toml"
 //! operations = "operations.toml"
-//! pwsh = "pwsh"                      # executable used for PowerShell remoting
+//! pwsh = "pwsh"                      # executable used for PowerShell remoting: a bare name is
+//!                                    # looked up on PATH, a path ("~/bin/pwsh") is resolved
 //!
 //! [tls]
 //! ca = "pki/ca.pem"
@@ -125,10 +149,24 @@
 //! [rollout]
 //! batches = ["100%"]                 # e.g. ["1", "50%", "100%"]; cumulative; last is "100%"
 //! max_failure_ratio = 0.0            # 0.0..=1.0
+//!
+//! [psremoting]                       # PowerShell session hosts
+//! open_timeout = "60s"               # 1s..10m: start a session host and open its session
+//! request_timeout = "15s"            # 1s..5m: a query or cancel answer
+//! restart_backoff = "100ms"          # 1ms..5m: first delay before restarting a session host
+//! restart_backoff_max = "5s"         # restart_backoff..5m: the delay doubles up to this
+//! # Defaults for every SSH host (same rules as the inventory keys; a host's own value wins,
+//! # its ssh_options are laid over these). None by default; examples:
+//! known_hosts = "~/.ssh/tollgate_known_hosts"
+//! subsystem = "powershell"
+//! connect_timeout = "10s"
+//! keepalive = "15s"
+//! ssh_options = { ServerAliveCountMax = "3" }
 //! ```
 //!
-//! Relative paths are relative to the directory of `coordinator.toml` ([`load_coordinator`]
-//! resolves them).
+//! Relative paths are relative to the directory of `coordinator.toml`, and a leading `~` or
+//! `~/` is the home directory (`~user` is refused): [`CoordinatorConfig::resolve_relative_to`]
+//! resolves them, `load_coordinator` calls it. `pwsh` is resolved only when it is a path.
 
 mod coordinator;
 mod inventory;
