@@ -41,6 +41,13 @@ pub fn load_inventory(path: &Path) -> Result<Inventory, ConfigError> {
     parse_inventory(&text, &label)?.resolve_paths(dir_of(path), home().as_deref())
 }
 
+/// Reads the inventory `config` names and lays its fleet-wide SSH defaults (`[psremoting]`)
+/// under every SSH host's own settings: the inventory runs plan from, so that the operation
+/// hash binds the settings each host is really reached with.
+pub fn load_inventory_of(config: &CoordinatorConfig) -> Result<Inventory, ConfigError> {
+    Ok(load_inventory(&config.inventory)?.with_ssh_defaults(&config.psremoting.ssh))
+}
+
 /// Reads, parses and validates an operations file, then reads every `run_file` relative to the
 /// operations file's directory.
 pub fn load_operations(path: &Path) -> Result<Operations, ConfigError> {

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use tollgate_coordinator::config::{
     Batch, ConfigError, PsTarget, Role, SafetyClass, ScriptSource, Transport, load_coordinator,
-    load_inventory, load_operations, parse_coordinator, parse_inventory, parse_operations,
-    validate_operations,
+    load_inventory, load_inventory_of, load_operations, parse_coordinator, parse_inventory,
+    parse_operations, validate_operations,
 };
 use tollgate_protocol::{Action, Shell};
 
@@ -153,4 +153,53 @@ fn a_missing_file_is_a_read_error_naming_it() {
     let err = load_inventory(Path::new("/nonexistent/inventory.toml")).unwrap_err();
     assert!(matches!(err, ConfigError::Read { .. }));
     assert_eq!(err.file(), "/nonexistent/inventory.toml");
+}
+
+#[test]
+fn the_fleet_ssh_defaults_are_laid_under_the_inventory_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("coordinator.toml"),
+        "inventory = \"fleet/inventory.toml\"\n\
+         [psremoting]\n\
+         known_hosts = \"keys/known_hosts\"\n\
+         connect_timeout = \"7s\"\n\
+         ssh_options = { ProxyJump = \"bastion\", Ciphers = \"aes256-gcm@openssh.com\" }\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("fleet")).unwrap();
+    std::fs::write(
+        dir.path().join("fleet/inventory.toml"),
+        "[[hosts]]\nname = \"db1\"\nrole = \"db\"\nsafety_class = \"standard\"\n\
+         [hosts.transport.psremoting]\nhost_name = \"db1.test\"\nconnect_timeout = \"3s\"\n\
+         ssh_options = { ProxyJump = \"other\" }\n\
+         [[hosts]]\nname = \"win1\"\nrole = \"db\"\nsafety_class = \"standard\"\n\
+         [hosts.transport.psremoting]\ncomputer_name = \"win1.test\"\n",
+    )
+    .unwrap();
+    let cfg = load_coordinator(&dir.path().join("coordinator.toml")).unwrap();
+    let inv = load_inventory_of(&cfg).unwrap();
+    let Transport::PsRemoting(db) = &inv.host("db1").unwrap().transport else {
+        panic!("db1 uses psremoting")
+    };
+    assert_eq!(
+        db.ssh.known_hosts.as_deref(),
+        Some(dir.path().join("keys/known_hosts").as_path()),
+        "the default, resolved relative to coordinator.toml"
+    );
+    assert_eq!(
+        db.ssh.connect_timeout_ms,
+        Some(3_000),
+        "the host's own wins"
+    );
+    assert_eq!(db.ssh.ssh_options["ProxyJump"], "other");
+    assert_eq!(db.ssh.ssh_options["Ciphers"], "aes256-gcm@openssh.com");
+    let Transport::PsRemoting(win) = &inv.host("win1").unwrap().transport else {
+        panic!("win1 uses psremoting")
+    };
+    assert_eq!(
+        win.ssh,
+        Default::default(),
+        "a WinRM host takes no SSH defaults"
+    );
 }

@@ -12,12 +12,20 @@
 //!
 //! # `operation_hash`
 //!
-//! Lowercase hex SHA-256 of this [`super::canon`] encoding (domain `tollgate/operation/v1`):
+//! Lowercase hex SHA-256 of this [`super::canon`] encoding (domain `tollgate/operation/v2`; v1 did not bind the
+//! state dir or the SSH settings):
 //!
 //! 1. action (text), effective mode (text);
 //! 2. host count, then per host **sorted by name**: name, role, safety class, transport (kind,
-//!    then its fields in declaration order, options as `0`/`1`+value, port as text), the probed
-//!    fingerprint;
+//!    then its fields in declaration order, options as `0`/`1`+value, numbers as text), the
+//!    probed fingerprint. For PowerShell remoting that is target, port, configuration name,
+//!    credential ref, user, key file (resolved), state dir, then the SSH settings *in force*
+//!    (the host's over `[psremoting]`'s, laid by `Inventory::with_ssh_defaults`): known_hosts
+//!    (resolved), subsystem, the `ssh_options` count and each name and value in name order,
+//!    connect timeout ms, keep-alive ms. A changed known_hosts file, `ProxyJump` or state dir
+//!    therefore changes the hash, and a token approved before it no longer applies. Session
+//!    timings (`open_timeout`, `request_timeout`, back-off) change how long Tollgate waits,
+//!    not where it acts, and are not bound;
 //! 3. phase count, then per phase in order: name, destructive (bool), step count, then per step
 //!    in order: id, shell, the script bytes, check (option), destructive, timeout ms, retries,
 //!    participating hosts (sorted list);
@@ -486,7 +494,7 @@ fn operation_hash(
     phases: &[PlannedPhase],
     policy_hash: &str,
 ) -> String {
-    let mut e = Encoder::new("tollgate/operation/v1");
+    let mut e = Encoder::new("tollgate/operation/v2");
     e.str(action.as_str()).str(mode.as_str());
     let mut sorted: Vec<&PlannedHost> = hosts.iter().collect();
     sorted.sort_by(|a, b| a.host.name.cmp(&b.host.name));
@@ -531,7 +539,22 @@ fn encode_host(e: &mut Encoder, h: &Host) {
                 .opt_str(p.configuration_name.as_deref())
                 .opt_str(p.credential_ref.as_deref())
                 .opt_str(p.user.as_deref())
-                .opt_str(p.key_file.as_ref().map(|k| k.to_string_lossy()).as_deref());
+                .opt_str(p.key_file.as_ref().map(|k| k.to_string_lossy()).as_deref())
+                .opt_str(p.state_dir.as_deref());
+            let ssh = &p.ssh;
+            e.opt_str(
+                ssh.known_hosts
+                    .as_ref()
+                    .map(|k| k.to_string_lossy())
+                    .as_deref(),
+            )
+            .opt_str(ssh.subsystem.as_deref())
+            .u64(ssh.ssh_options.len() as u64);
+            for (name, value) in &ssh.ssh_options {
+                e.str(name).str(value);
+            }
+            e.opt_str(ssh.connect_timeout_ms.map(|ms| ms.to_string()).as_deref())
+                .opt_str(ssh.keepalive_ms.map(|ms| ms.to_string()).as_deref());
         }
         Transport::Local => {}
     }

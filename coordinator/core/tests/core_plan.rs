@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use tollgate_core::config::{
-    ActionSpec, Host, Inventory, Operations, SafetyClass, ScriptSource, Transport, parse_inventory,
-    parse_operations,
+    ActionSpec, Host, Inventory, Operations, PsRemoting, SafetyClass, ScriptSource, SshOptions,
+    Transport, parse_inventory, parse_operations,
 };
 use tollgate_core::facts::HostFacts;
 use tollgate_core::plan::{Draft, Intent, Plan, PlanError};
@@ -140,6 +140,14 @@ impl Case {
         };
         f(&mut spec.phases[phase].steps[step]);
         self.ops = Operations::new("ops", deploy, teardown, self.ops.probes().clone()).unwrap();
+    }
+
+    /// Edits the SSH host db1's `transport.psremoting`.
+    fn edit_ssh(&mut self, f: impl FnOnce(&mut PsRemoting)) {
+        self.edit_host("db1", |h| match &mut h.transport {
+            Transport::PsRemoting(p) => f(p),
+            other => panic!("db1 is not a psremoting host: {other:?}"),
+        })
     }
 
     fn edit_host(&mut self, name: &str, f: impl FnOnce(&mut Host)) {
@@ -330,6 +338,40 @@ fn each_hashed_input_changes_the_hash() {
                 })
             }),
         ),
+        (
+            "psremoting key_file",
+            Box::new(|c| c.edit_ssh(|p| p.key_file = Some("/keys/other".into()))),
+        ),
+        (
+            "psremoting state_dir",
+            Box::new(|c| c.edit_ssh(|p| p.state_dir = Some("/var/lib/other".into()))),
+        ),
+        (
+            "ssh known_hosts",
+            Box::new(|c| c.edit_ssh(|p| p.ssh.known_hosts = Some("/etc/tollgate/kh".into()))),
+        ),
+        (
+            "ssh subsystem",
+            Box::new(|c| c.edit_ssh(|p| p.ssh.subsystem = Some("pwsh7".into()))),
+        ),
+        (
+            "ssh ProxyJump",
+            Box::new(|c| {
+                c.edit_ssh(|p| {
+                    p.ssh
+                        .ssh_options
+                        .insert("ProxyJump".into(), "bastion.test.fleet".into());
+                })
+            }),
+        ),
+        (
+            "ssh connect_timeout",
+            Box::new(|c| c.edit_ssh(|p| p.ssh.connect_timeout_ms = Some(5_000))),
+        ),
+        (
+            "ssh keepalive",
+            Box::new(|c| c.edit_ssh(|p| p.ssh.keepalive_ms = Some(30_000))),
+        ),
         ("policy", Box::new(|c| c.policy_hash = "q".repeat(64))),
         (
             "host set",
@@ -347,6 +389,55 @@ fn each_hashed_input_changes_the_hash() {
         edit(&mut c);
         let h = c.hash();
         assert!(seen.insert(h), "{name} did not change the hash");
+    }
+}
+
+/// The fleet-wide `[psremoting]` SSH defaults are part of what the hash binds, once laid under
+/// the inventory (as the service does at load): changing a default known_hosts file or adding a
+/// default `ProxyJump` changes the plan an approver signed for; a host's own value wins over the
+/// default, so a default it overrides changes nothing.
+#[test]
+fn fleet_ssh_defaults_are_bound_through_the_inventory() {
+    let hash_with = |defaults: &SshOptions| {
+        let mut c = Case::new(Action::Teardown);
+        c.inv = c.inv.clone().with_ssh_defaults(defaults);
+        c.hash()
+    };
+    let none = hash_with(&SshOptions::default());
+    assert_eq!(
+        none,
+        Case::new(Action::Teardown).hash(),
+        "empty defaults change nothing"
+    );
+    let kh = SshOptions {
+        known_hosts: Some("/etc/tollgate/known_hosts".into()),
+        ..SshOptions::default()
+    };
+    assert_ne!(hash_with(&kh), none, "a default known_hosts is bound");
+    let mut jump = SshOptions::default();
+    jump.ssh_options
+        .insert("ProxyJump".into(), "bastion".into());
+    assert_ne!(hash_with(&jump), none, "a default ProxyJump is bound");
+
+    // Laying the defaults twice is laying them once.
+    let mut c = Case::new(Action::Teardown);
+    let once = c.inv.clone().with_ssh_defaults(&kh);
+    assert_eq!(once.clone().with_ssh_defaults(&kh), once);
+
+    // The host's own known_hosts wins: a different default under it changes nothing.
+    c.edit_ssh(|p| p.ssh.known_hosts = Some("/own/known_hosts".into()));
+    let own = c.hash();
+    c.inv = c.inv.clone().with_ssh_defaults(&kh);
+    assert_eq!(
+        c.hash(),
+        own,
+        "the host's own known_hosts wins over the default"
+    );
+
+    // Agent hosts take no SSH defaults.
+    let inv = inventory().with_ssh_defaults(&kh);
+    for h in inv.hosts().iter().filter(|h| h.name != "db1") {
+        assert_eq!(Some(h), inventory().host(&h.name));
     }
 }
 

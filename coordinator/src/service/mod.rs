@@ -110,7 +110,7 @@ fn write_public_key(signing_key: &Path, key: &Ed25519KeyPair) -> Result<(), Serv
 pub fn load(config_path: &Path) -> Result<Loaded, ServiceError> {
     let config = config::load_coordinator(config_path)?;
     let file = config_path.display().to_string();
-    let inventory = config::load_inventory(&config.inventory)?;
+    let inventory = config::load_inventory_of(&config)?;
     let operations = config::load_operations(&config.operations)?;
     config::validate_operations(&operations, &inventory)?;
     let crl = config.tls.crl.clone().ok_or_else(|| {

@@ -165,6 +165,21 @@ impl Inventory {
         self.hosts.iter().map(|h| h.role.as_str()).collect()
     }
 
+    /// Lays the fleet's SSH defaults (`[psremoting]` in `coordinator.toml`) under every SSH
+    /// host's own settings, so the inventory a run plans from carries the settings each host is
+    /// really reached with, and the operation hash binds them. WinRM and other hosts are
+    /// untouched. Idempotent: laying the same defaults twice changes nothing.
+    pub fn with_ssh_defaults(mut self, defaults: &SshOptions) -> Self {
+        for h in &mut self.hosts {
+            if let Transport::PsRemoting(p) = &mut h.transport
+                && matches!(p.target, PsTarget::HostName(_))
+            {
+                p.ssh = p.ssh.overlaid_on(defaults);
+            }
+        }
+        self
+    }
+
     /// Resolves the coordinator-side paths of every host (`key_file`, `known_hosts`) as
     /// written in a file in `dir`: relative ones join `dir`, `~` is `home` (see
     /// `CoordinatorConfig::resolve_relative_to` for the rule). `state_dir` is a path on the
