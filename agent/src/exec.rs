@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
-use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{ExecStatus, OutputChunk, Stream};
+use tollgate_protocol::{Shell, StepErrors};
 
 use crate::shells::Shells;
 
@@ -31,6 +31,8 @@ pub struct ExecSpec {
     pub timeout: Duration,
     /// Output kept and forwarded per stream; the rest is dropped and flagged truncated.
     pub retention: usize,
+    /// What a `pwsh` script's error records mean.
+    pub errors: StepErrors,
 }
 
 /// How it went.
@@ -189,8 +191,15 @@ pub async fn run(
             });
         }
     };
+    let args = match Shells::args(spec.shell, &script_path, spec.errors) {
+        Ok(a) => a,
+        Err(detail) => {
+            let _ = std::fs::remove_file(&script_path);
+            return failed(ExecStatus::SpawnFailed { detail });
+        }
+    };
     let mut cmd = Command::new(&spec.program);
-    cmd.args(Shells::args(spec.shell, &script_path))
+    cmd.args(args)
         .envs(&spec.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

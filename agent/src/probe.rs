@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{AgentErrorCode, ExecStatus, ProbeReport, ProbeRequest};
+use tollgate_protocol::{Shell, StepErrors};
 
 use crate::exec::{self, ExecSpec};
 use crate::shells::Shells;
@@ -144,6 +144,8 @@ impl Prober {
             working_dir: None,
             timeout,
             retention: PROBE_OUTPUT_MAX,
+            // A probe decides by its exit code and JSON, as the session host's probe does.
+            errors: StepErrors::Continue,
         };
         let (tx, mut rx) = mpsc::channel(16);
         let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });

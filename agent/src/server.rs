@@ -318,6 +318,7 @@ fn request_hash(req: &ExecuteRequest) -> String {
     }
     part(req.working_dir.as_deref().unwrap_or("").as_bytes());
     part(&req.timeout_ms.to_be_bytes());
+    part(req.errors.as_str().as_bytes());
     hex::encode(h.finalize())
 }
 
@@ -378,6 +379,7 @@ async fn execute(
                 working_dir: req.working_dir.map(PathBuf::from),
                 timeout: Duration::from_millis(req.timeout_ms.max(1)),
                 retention: state.retention,
+                errors: req.errors,
             };
             // The execution owns its ticket: it finishes and is recorded even if this stream dies.
             tokio::spawn(run_ticket(state.clone(), ticket, spec, out_tx, done_tx));

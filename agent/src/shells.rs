@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tollgate_protocol::Shell;
+use tollgate_protocol::{Shell, StepErrors};
 
 /// The agent's shell policy: allowed interpreters and an optional explicit `pwsh` path.
 #[derive(Debug, Clone)]
@@ -67,26 +67,33 @@ impl Shells {
         }
     }
 
-    /// Arguments that run a script file non-interactively.
+    /// Arguments that run a script file non-interactively, `errors` saying what a `pwsh`
+    /// script's error records mean (ignored for `sh`), or why it cannot be run.
     ///
     /// `pwsh` runs the file through [`pwsh_wrapper`], not `-File`: `pwsh -File` exits 0 when a
     /// script ends without `exit n`, however its last native command exited, so a step whose
-    /// last act failed would look like a success.
-    pub fn args(shell: Shell, script: &Path) -> Vec<std::ffi::OsString> {
+    /// last act failed would look like a success, and it would apply no error semantics. A
+    /// script path that is not Unicode (so not PowerShell text) is refused, never run otherwise.
+    pub fn args(
+        shell: Shell,
+        script: &Path,
+        errors: StepErrors,
+    ) -> Result<Vec<std::ffi::OsString>, String> {
         match shell {
             Shell::Pwsh => {
-                let (flag, what) = match script.to_str() {
-                    Some(path) => ("-Command", pwsh_wrapper(path).into()),
-                    // Not expressible as PowerShell text: run it as a file, exit code and all.
-                    None => ("-File", script.as_os_str().to_owned()),
-                };
-                ["-NoLogo", "-NoProfile", "-NonInteractive", flag]
+                let path = script.to_str().ok_or_else(|| {
+                    format!(
+                        "script path {} is not Unicode, so pwsh cannot be told to run it",
+                        script.display()
+                    )
+                })?;
+                Ok(["-NoLogo", "-NoProfile", "-NonInteractive", "-Command"]
                     .iter()
                     .map(Into::into)
-                    .chain(std::iter::once(what))
-                    .collect()
+                    .chain(std::iter::once(pwsh_wrapper(path, errors).into()))
+                    .collect())
             }
-            Shell::Sh => vec![script.as_os_str().to_owned()],
+            Shell::Sh => Ok(vec![script.as_os_str().to_owned()]),
         }
     }
 
@@ -102,23 +109,45 @@ impl Shells {
 /// The `-Command` text that runs the script file at `path` and exits with what it meant, the
 /// session host's rule for a step's exit code (`session_host.ps1`, `$TargetInvoke`):
 ///
+/// - `errors = stop` (the default): the script runs under `$ErrorActionPreference = 'Stop'`;
+///   if it writes any error record (even one written with `-ErrorAction Continue`) and would
+///   exit 0, it exits 1 instead, saying so on stderr;
+/// - `errors = continue`: under `'Continue'`; error records are shown and decide nothing;
 /// - `exit n` in the script: `n`;
-/// - an error that stops the script (a `throw`, an error under `$ErrorActionPreference =
-///   'Stop'`, a statement-terminating error, a script that does not parse): 1, the error on
-///   stderr as PowerShell prints it;
+/// - an error that stops the script (a `throw`, an error under `'Stop'`, a statement-terminating
+///   error, a script that does not parse): 1, the error on stderr as PowerShell prints it;
 /// - otherwise `$LASTEXITCODE`: the exit code of the last native command the script ran, or 0.
+///
+/// A native command's stderr reaches the wrapper as `NativeCommandError` records: it is written
+/// to stderr as text and never counted as an error (its exit code speaks for it). Other records
+/// are written to stderr as PowerShell formats them.
 ///
 /// `ConvertTo-Json` defaults to `-Depth 100` (its maximum) instead of 2, below which it cuts
 /// values to type names (with a warning on 7, silently on 5.1): a probe's facts or a step's
 /// JSON come out whole; an explicit `-Depth` still wins. PowerShell's own rendering is plain
 /// text (`$PSStyle` is 7.2+): no ANSI colour codes in the output kept and shown to people.
 /// Windows PowerShell 5.1 runs this text too.
-pub fn pwsh_wrapper(path: &str) -> String {
+pub fn pwsh_wrapper(path: &str, errors: StepErrors) -> String {
+    let preference = match errors {
+        StepErrors::Stop => "Stop",
+        StepErrors::Continue => "Continue",
+    };
     format!(
         "$PSDefaultParameterValues['ConvertTo-Json:Depth'] = 100; \
          if ($PSStyle) {{ $PSStyle.OutputRendering = 'PlainText' }}; \
-         try {{ & {} }} catch {{ throw }}; exit $LASTEXITCODE",
-        ps_single_quoted(path)
+         $PSNativeCommandUseErrorActionPreference = $false; \
+         $tgTally = @{{ Count = 0 }}; \
+         $ErrorActionPreference = '{preference}'; \
+         try {{ & {script} 2>&1 | ForEach-Object {{ \
+           if ($_ -is [System.Management.Automation.ErrorRecord]) {{ \
+             if ([string]$_.FullyQualifiedErrorId -like 'NativeCommandError*') {{ [Console]::Error.WriteLine([string]$_) }} \
+             else {{ $tgTally['Count'] += 1; [Console]::Error.WriteLine(($_ | Out-String).TrimEnd()) }} \
+           }} else {{ $_ }} }} }} catch {{ throw }}; \
+         $tgCode = $LASTEXITCODE; if ($null -eq $tgCode) {{ $tgCode = 0 }}; \
+         if ('{preference}' -eq 'Stop' -and $tgTally['Count'] -gt 0 -and $tgCode -eq 0) {{ \
+           [Console]::Error.WriteLine(\"tollgate: the step wrote $($tgTally['Count']) error record(s) (errors = 'stop')\"); exit 1 }}; \
+         exit $tgCode",
+        script = ps_single_quoted(path)
     )
 }
 
@@ -143,7 +172,12 @@ mod tests {
 
     #[test]
     fn pwsh_runs_the_file_through_the_wrapper_with_the_path_quoted() {
-        let args = Shells::args(Shell::Pwsh, Path::new("/state/it's \u{2019}x.ps1"));
+        let args = Shells::args(
+            Shell::Pwsh,
+            Path::new("/state/it's \u{2019}x.ps1"),
+            StepErrors::Stop,
+        )
+        .unwrap();
         let args: Vec<String> = args
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -157,7 +191,12 @@ mod tests {
             "{}",
             args[4]
         );
-        assert!(args[4].ends_with("exit $LASTEXITCODE"), "{}", args[4]);
+        assert!(args[4].ends_with("exit $tgCode"), "{}", args[4]);
+        assert!(
+            args[4].contains("$ErrorActionPreference = 'Stop'"),
+            "{}",
+            args[4]
+        );
     }
 
     #[test]

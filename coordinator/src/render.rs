@@ -25,9 +25,15 @@ pub fn plan(p: &PlanView) -> String {
         } else {
             "safe"
         };
+        // An approver sees a step that opted out of failing on its errors.
+        let errors = if st.errors.is_stop() {
+            ""
+        } else {
+            "  errors=continue (error records do not fail it)"
+        };
         let _ = writeln!(
             s,
-            "  {:<12} {:<20} {:<11} on {}",
+            "  {:<12} {:<20} {:<11} on {}{errors}",
             st.phase,
             st.step_id,
             mark,
@@ -221,5 +227,43 @@ pub fn progress_line(p: &ProgressEvent) -> String {
         ProgressKind::StepSkipped => format!("{host} {step}: already in desired state, skipped"),
         ProgressKind::HostFinished => format!("{host}: stopped ({})", p.message),
         ProgressKind::RunAccepted => "accepted".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_protocol::StepErrors;
+    use tollgate_protocol::outcome::PlanStepView;
+
+    use super::*;
+
+    #[test]
+    fn a_plan_names_the_steps_that_opt_out_of_failing_on_errors() {
+        let step = |id: &str, errors| PlanStepView {
+            phase: "remove".into(),
+            step_id: id.into(),
+            hosts: vec!["web1".into()],
+            destructive: true,
+            barrier_before: false,
+            errors,
+        };
+        let text = plan(&PlanView {
+            operation_hash: "h".into(),
+            hosts: vec!["web1".into()],
+            steps: vec![
+                step("strict", StepErrors::Stop),
+                step("lenient", StepErrors::Continue),
+            ],
+            approvals_required: 1,
+            self_approval: false,
+        });
+        let line = |id: &str| {
+            text.lines()
+                .find(|l| l.contains(id))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(line("lenient").contains("errors=continue"), "{text}");
+        assert!(!line("strict").contains("errors"), "{text}");
     }
 }

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Shell;
 use crate::version::VersionRange;
+use crate::{Shell, StepErrors};
 
 /// First message of every connection, from the dialling side.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +49,10 @@ pub struct ExecuteRequest {
     pub env: BTreeMap<String, String>,
     pub working_dir: Option<String>,
     pub timeout_ms: u64,
+    /// What the script's errors mean (a `pwsh` step; an `sh` step is always `Stop` and fails
+    /// by its exit code). Required on the wire (protocol 2): an agent that predates it refuses
+    /// the connection instead of running a step with other error semantics.
+    pub errors: StepErrors,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

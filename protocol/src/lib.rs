@@ -106,3 +106,42 @@ impl std::fmt::Display for Shell {
         f.write_str(self.as_str())
     }
 }
+
+/// What a PowerShell step's errors mean (`errors` of a step in `operations.toml`). The same on
+/// every PowerShell path (a remoting session, the local transport, an agent's `pwsh`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum StepErrors {
+    /// The default. The step runs under `$ErrorActionPreference = 'Stop'`, so its first error
+    /// stops it, and it fails (exit code 1) if it throws or writes any error record to the error
+    /// stream, even one written with `-ErrorAction Continue` and followed by `exit 0`. A native
+    /// command's stderr is not an error record: its exit code speaks for it.
+    #[default]
+    Stop,
+    /// Opt-out: the step runs under `$ErrorActionPreference = 'Continue'`; error records are
+    /// shown but decide nothing; the exit code alone does (a terminating error still fails it).
+    Continue,
+}
+
+impl StepErrors {
+    /// The word in the files: `stop` or `continue`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepErrors::Stop => "stop",
+            StepErrors::Continue => "continue",
+        }
+    }
+
+    /// Whether this is the default (`stop`).
+    pub fn is_stop(&self) -> bool {
+        *self == StepErrors::Stop
+    }
+}
+
+impl std::fmt::Display for StepErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::StepErrors;
+
 /// Why something was blocked, failed, or escalated. One closed list, so every answer names
 /// exactly one code and the CLI can map codes to exit statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -144,6 +146,10 @@ pub struct PlanStepView {
     pub destructive: bool,
     /// A barrier (containment + re-probe + policy + token) runs before this step's phase.
     pub barrier_before: bool,
+    /// What the step's PowerShell errors mean; shown (and written) only when it opts out
+    /// with `continue`.
+    #[serde(default, skip_serializing_if = "StepErrors::is_stop")]
+    pub errors: StepErrors,
 }
 
 /// A plan as shown to an operator: what would run where, and what it is bound to.

@@ -5,11 +5,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::FrameError;
 
-/// The version this build writes.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The version this build writes. 2: `ExecuteRequest` carries `errors` (a step's error
+/// semantics); a version-1 agent would ignore it, so version 1 is no longer spoken.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The versions this build can read and write.
-pub const SUPPORTED: VersionRange = VersionRange { min: 1, max: 1 };
+pub const SUPPORTED: VersionRange = VersionRange { min: 2, max: 2 };
 
 /// An inclusive range of protocol versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

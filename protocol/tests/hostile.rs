@@ -165,7 +165,7 @@ fn deeply_nested_body_is_too_deep() {
 fn wrong_version_is_unsupported_version() {
     let frame = encode_envelope(
         &Envelope {
-            v: 2,
+            v: 1,
             msg: CtlRequest::Status,
         },
         &SMALL,
@@ -176,9 +176,9 @@ fn wrong_version_is_unsupported_version() {
         matches!(
             err,
             FrameError::UnsupportedVersion {
-                got: 2,
-                min: 1,
-                max: 1
+                got: 1,
+                min: 2,
+                max: 2
             }
         ),
         "{err}"

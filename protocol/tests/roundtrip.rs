@@ -9,7 +9,8 @@ use tollgate_protocol::agent::*;
 use tollgate_protocol::ctl::*;
 use tollgate_protocol::outcome::*;
 use tollgate_protocol::{
-    Action, FrameDecoder, FrameLimits, Mode, Shell, VersionRange, decode_body, encode_frame,
+    Action, FrameDecoder, FrameLimits, Mode, Shell, StepErrors, VersionRange, decode_body,
+    encode_frame,
 };
 use uuid::Uuid;
 
@@ -54,6 +55,9 @@ fn reason() -> impl Strategy<Value = ReasonCode> {
         ReasonCode::AllStepsSucceeded,
     ])
 }
+fn errors() -> impl Strategy<Value = StepErrors> {
+    prop_oneof![Just(StepErrors::Stop), Just(StepErrors::Continue)]
+}
 fn plan() -> impl Strategy<Value = PlanView> {
     let step = (
         text(),
@@ -61,14 +65,16 @@ fn plan() -> impl Strategy<Value = PlanView> {
         prop::collection::vec(text(), 0..3),
         any::<bool>(),
         any::<bool>(),
+        errors(),
     )
         .prop_map(
-            |(phase, step_id, hosts, destructive, barrier_before)| PlanStepView {
+            |(phase, step_id, hosts, destructive, barrier_before, errors)| PlanStepView {
                 phase,
                 step_id,
                 hosts,
                 destructive,
                 barrier_before,
+                errors,
             },
         );
     (
@@ -222,10 +228,11 @@ fn agent_request() -> impl Strategy<Value = AgentRequest> {
             text(),
             facts(),
             prop::option::of(text()),
-            any::<u64>()
+            any::<u64>(),
+            errors()
         )
             .prop_map(
-                |(idempotency_key, shell, script, env, working_dir, timeout_ms)| {
+                |(idempotency_key, shell, script, env, working_dir, timeout_ms, errors)| {
                     AgentRequest::Execute(ExecuteRequest {
                         idempotency_key,
                         shell,
@@ -233,6 +240,7 @@ fn agent_request() -> impl Strategy<Value = AgentRequest> {
                         env,
                         working_dir,
                         timeout_ms,
+                        errors,
                     })
                 }
             ),

@@ -87,6 +87,7 @@ mod linux {
             env: BTreeMap::new(),
             working_dir: None,
             timeout_ms: 60_000,
+            errors: tollgate_protocol::StepErrors::Stop,
         };
         let opened = Instant::now();
         session.execute(warm.clone(), |_| {}).await?;

@@ -26,6 +26,7 @@ fn sh(key: &str, script: &str, timeout_ms: u64) -> ExecuteRequest {
         env: BTreeMap::new(),
         working_dir: None,
         timeout_ms,
+        errors: tollgate_protocol::StepErrors::Stop,
     }
 }
 

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tollgate_coordinator::transport::agent::AgentLink;
-use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{
     ExecResult, ExecStatus, ExecuteRequest, IdempotencyStatus, OutputChunk, ProbeRequest, Script,
     Stream,
 };
+use tollgate_protocol::{Shell, StepErrors};
 use tollgate_tests::fleet::{AgentOptions, AgentProcess, TestPki};
 use tollgate_tests::pwsh::{ps_path, stream_text};
 
@@ -241,5 +241,38 @@ async fn the_same_key_twice_runs_once() {
     assert!(
         matches!(q, IdempotencyStatus::Finished(ref r) if r.status == ExecStatus::Exited { code: 0 }),
         "{q:?}"
+    );
+}
+
+/// Step error semantics through the agent's pwsh wrapper (a `pwsh` process per step): the
+/// shared table under `errors = "stop"` and `"continue"`; under `stop` the agent's stderr says
+/// why a step that exited 0 failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_records_fail_a_step_unless_it_says_continue() {
+    let Some(pwsh) = tollgate_tests::real::pwsh("agent_pwsh_real errors") else {
+        return;
+    };
+    let pki = TestPki::new().unwrap();
+    let (_agent, link) = agent(&pki, "ps6", 46, &pwsh).await;
+    for (i, case) in tollgate_tests::pwsh::ERROR_CASES.iter().enumerate() {
+        for errors in [StepErrors::Stop, StepErrors::Continue] {
+            let mut req = pwsh_step(&format!("agent/errors/{i}/{errors}"), case.script);
+            req.errors = errors;
+            let (r, chunks) = run(&link, req).await;
+            case.assert(errors, &r.status, &chunks);
+        }
+    }
+    let mut req = pwsh_step(
+        "agent/errors/why",
+        "Write-Error 'tg-why' -ErrorAction Continue\nexit 0",
+    );
+    req.errors = StepErrors::Stop;
+    let (r, chunks) = run(&link, req).await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 1 });
+    let err = stream_text(&chunks, Stream::Stderr);
+    assert!(err.contains("tg-why"), "{err}");
+    assert!(
+        err.contains("wrote 1 error record(s) (errors = 'stop')"),
+        "{err}"
     );
 }

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tollgate_coordinator::transport::pwsh::{PwshSession, SESSION_HOST_SCRIPT, SessionError};
-use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{
     ExecStatus, ExecuteRequest, ProbeReport, ProbeRequest, Script, Stream,
 };
+use tollgate_protocol::{Shell, StepErrors};
 use tollgate_tests::pwsh::{LIMIT, execute, local_session, ps_path, stream_text};
 
 /// A PowerShell step with the usual minute.
@@ -157,12 +157,15 @@ async fn error_action_stop_in_a_step_is_honoured_and_does_not_leak_into_the_next
         assert_eq!(e.category, "ObjectNotFound", "{key}");
         assert!(e.message.contains("not-here"), "{key}: {}", e.message);
 
-        // The next step on the same session runs with the default preference: the same
-        // failure is a non-terminating error, and the step goes on.
+        // The next step on the same session runs with its own `errors`, whatever the last one
+        // set: under "continue" the same failure is a non-terminating error and the step goes
+        // on; under the default "stop" the preference is Stop again.
         let next = format!(
             "Write-Output \"eap=$ErrorActionPreference\"\nGet-Item -LiteralPath {missing}\nWrite-Output 'after'"
         );
-        let (r, chunks) = execute(&mut s, step(&format!("{key}/next"), &next)).await;
+        let mut req = step(&format!("{key}/next"), &next);
+        req.errors = StepErrors::Continue;
+        let (r, chunks) = execute(&mut s, req).await;
         assert_eq!(r.status, ExecStatus::Exited { code: 0 }, "{key}");
         let out = stream_text(&chunks, Stream::Stdout);
         assert!(
@@ -172,6 +175,13 @@ async fn error_action_stop_in_a_step_is_honoured_and_does_not_leak_into_the_next
         assert!(
             stream_text(&chunks, Stream::Stderr).contains("not-here"),
             "{key}: the error was reported"
+        );
+        let (r, chunks) = execute(&mut s, step(&format!("{key}/stop"), &next)).await;
+        assert_eq!(r.status, ExecStatus::Exited { code: 1 }, "{key}");
+        let out = stream_text(&chunks, Stream::Stdout);
+        assert!(
+            out.contains("eap=Stop") && !out.contains("after"),
+            "{key}: {out}"
         );
     }
 

@@ -8,11 +8,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tollgate_coordinator::transport::pwsh::{PwshMode, PwshSession, PwshSettings, SessionHealth};
-use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{
     ExecStatus, IdempotencyStatus, ProbeRequest, Script, Stream, fingerprint,
 };
-use tollgate_tests::pwsh::{LIMIT, execute, local_session, ps_path, step, stream_text};
+use tollgate_protocol::{Shell, StepErrors};
+use tollgate_tests::pwsh::{
+    ERROR_CASES, LIMIT, execute, local_session, ps_path, step, stream_text,
+};
 
 /// `pwsh` from PATH, or `None` after saying that these tests did not run.
 fn real_pwsh() -> Option<PathBuf> {
@@ -50,7 +52,10 @@ async fn real_pwsh_streams_output_errors_and_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = local_session(pwsh, dir.path());
     let script = "Write-Output 'one'\nWrite-Error 'two'\nWrite-Warning 'three'\nWrite-Output $env:TOLLGATE_STEP\nexit 3";
-    let (r, chunks) = execute(&mut s, step("real/out", Shell::Pwsh, script, 60_000)).await;
+    // errors = "continue": the error record is shown and the script runs on to `exit 3`.
+    let mut req = step("real/out", Shell::Pwsh, script, 60_000);
+    req.errors = StepErrors::Continue;
+    let (r, chunks) = execute(&mut s, req).await;
     assert_eq!(r.status, ExecStatus::Exited { code: 3 });
     let out = stream_text(&chunks, Stream::Stdout);
     let err = stream_text(&chunks, Stream::Stderr);
@@ -61,6 +66,52 @@ async fn real_pwsh_streams_output_errors_and_exit_code() {
     );
     let seqs: Vec<u64> = chunks.iter().map(|c| c.seq).collect();
     assert_eq!(seqs, (0..chunks.len() as u64).collect::<Vec<_>>());
+}
+
+/// Step error semantics on the local transport: every case of the shared table under
+/// `errors = "stop"` (the default) and `"continue"`; under `stop` a step that wrote an error
+/// record and exited 0 says why it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_pwsh_error_records_fail_a_step_unless_it_says_continue() {
+    let Some(pwsh) = real_pwsh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = local_session(pwsh, dir.path());
+    for (i, case) in ERROR_CASES.iter().enumerate() {
+        for errors in [StepErrors::Stop, StepErrors::Continue] {
+            let mut req = step(
+                &format!("real/errors/{i}/{errors}"),
+                Shell::Pwsh,
+                case.script,
+                60_000,
+            );
+            req.errors = errors;
+            let (r, chunks) = execute(&mut s, req).await;
+            case.assert(errors, &r.status, &chunks);
+        }
+    }
+    let mut req = step(
+        "real/errors/why",
+        Shell::Pwsh,
+        "Write-Error 'tg-why' -ErrorAction Continue\nexit 0",
+        60_000,
+    );
+    req.errors = StepErrors::Stop;
+    let (r, _) = execute(&mut s, req).await;
+    assert_eq!(r.status, ExecStatus::Exited { code: 1 });
+    let e = s
+        .last_script_error()
+        .expect("the first error record, named");
+    assert!(
+        e.message.contains("1 error record") && e.message.contains("tg-why"),
+        "{}",
+        e.message
+    );
+    assert_eq!(e.category, "NotSpecified");
+    let fqid = e.fqid.as_deref().unwrap_or_default();
+    assert!(
+        fqid.starts_with("Microsoft.PowerShell.Commands.WriteErrorException"),
+        "{fqid}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

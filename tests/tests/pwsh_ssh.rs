@@ -11,13 +11,14 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use tollgate_coordinator::core::outcome::{Capability, TypedOutcome};
 use tollgate_coordinator::transport::pwsh::{
-    PwshMode, PwshSession, PwshSettings, SessionError, SessionHealth, SshTarget,
+    PwshMode, PwshSession, PwshSettings, SessionError, SessionHealth, SshTarget, answers,
 };
-use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{
     ExecResult, ExecStatus, ExecuteRequest, IdempotencyStatus, ProbeRequest,
 };
+use tollgate_protocol::{Shell, StepErrors};
 use tollgate_tests::sshd::{KeyPair, Sshd, SshdSpec, current_user, write_known_hosts};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -352,4 +353,111 @@ async fn ssh_last_native_exit_code_and_errors_cross_the_remoting_boundary() {
     let e = s.last_script_error().expect("the error record crossed");
     assert_eq!(e.category, "ObjectNotFound");
     assert_eq!(s.spawns(), 1);
+}
+
+/// Step error semantics through a real SSH remoting session: the shared table under
+/// `errors = "stop"` and `"continue"`, in the target's runspace, on one session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_error_records_fail_a_step_unless_it_says_continue() {
+    let Some(t) = Target::start(Ipv4Addr::new(127, 0, 0, 40)) else {
+        return;
+    };
+    let mut s = t.session();
+    for (i, case) in tollgate_tests::pwsh::ERROR_CASES.iter().enumerate() {
+        for errors in [StepErrors::Stop, StepErrors::Continue] {
+            let mut req = step(&format!("ssh/errors/{i}/{errors}"), case.script, 60_000);
+            req.errors = errors;
+            let (r, chunks) = tollgate_tests::pwsh::execute(&mut s, req).await;
+            case.assert(errors, &r.status, &chunks);
+        }
+    }
+    assert_eq!(s.spawns(), 1, "one session host for every case");
+}
+
+/// A `pwsh` on the coordinator too old for SSH remoting with options (`New-PSSession -Options`
+/// is 7.3+, and without it `BatchMode` could not be set, so ssh could prompt): the open fails
+/// closed, typed `PwshTooOld` (not retried), naming the version found and the version needed,
+/// and reads as `CapabilityMismatch` (shell) at preflight; no connection is made.
+///
+/// The old PowerShell is a stand-in (no pwsh older than 7.3 runs on this machine's .NET): the
+/// real pwsh running a copy of the session host in which a `New-PSSession` function without
+/// `-Options` shadows the cmdlet, which is exactly what the session host checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_pwsh_without_ssh_options_is_a_capability_mismatch_naming_both_versions() {
+    let Some(t) = Target::start(Ipv4Addr::new(127, 0, 0, 41)) else {
+        return;
+    };
+    let old = t.dir.path().join("old-pwsh");
+    let copy = t.dir.path().join("session_host_before_7_3.ps1");
+    std::fs::write(
+        &old,
+        format!(
+            r#"#!/bin/sh
+# The real pwsh, but the session host it runs has a New-PSSession without -Options.
+count=$#
+take=0
+for a in "$@"; do
+  if [ "$take" = 1 ]; then
+    awk '{{ print }} /^Set-StrictMode/ {{ print "function New-PSSession {{ [CmdletBinding()] param([string]$HostName, [string]$UserName, [string]$KeyFilePath, [int]$Port, [string]$Subsystem) throw \"old\" }}" }}' "$a" > '{copy}'
+    a='{copy}'
+    take=0
+  elif [ "$a" = "-File" ]; then
+    take=1
+  fi
+  set -- "$@" "$a"
+done
+shift $count
+exec '{real}' "$@"
+"#,
+            copy = copy.display(),
+            real = t.pwsh.display()
+        ),
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let version = {
+        let out = std::process::Command::new(&t.pwsh)
+            .args(["-NoLogo", "-NoProfile", "-NonInteractive", "-Command"])
+            .arg("$PSVersionTable.PSVersion.ToString()")
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let mut settings = PwshSettings::new(old.clone(), PwshMode::Ssh(t.ssh()));
+    settings.connect_timeout = Duration::from_secs(60);
+    settings.request_timeout = Duration::from_secs(30);
+    let mut s = PwshSession::new("ssh-old".into(), settings);
+    let (e, _) = probe_error(&mut s).await;
+    assert!(copy.exists(), "the stand-in ran the shadowed copy");
+    assert!(matches!(e, SessionError::PwshTooOld(_)), "{e}");
+    assert!(!e.is_transient(), "not retried: a person upgrades pwsh");
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("PowerShell {version}")) && text.contains("needs 7.3"),
+        "names the version found and the one needed: {text}"
+    );
+    let failure = answers::probe_failure(&e);
+    assert!(
+        matches!(
+            failure.outcome(),
+            TypedOutcome::CapabilityMismatch {
+                capability: Capability::Shell
+            }
+        ),
+        "{failure:?}"
+    );
+    assert!(
+        failure.describe().contains("needs 7.3"),
+        "{}",
+        failure.describe()
+    );
+    assert!(
+        !t.sshd.log().contains("Connection from"),
+        "no connection is tried:\n{}",
+        t.sshd.log()
+    );
 }

@@ -127,6 +127,7 @@ fn child(dir: &std::path::Path) {
         env: BTreeMap::new(),
         working_dir: None,
         timeout_ms: 60_000,
+        errors: tollgate_protocol::StepErrors::Stop,
     };
 
     let rt = tokio::runtime::Runtime::new().unwrap();

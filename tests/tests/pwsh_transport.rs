@@ -13,12 +13,12 @@ use tollgate_coordinator::transport::pwsh::{
     Backoff, PwshMode, PwshSession, PwshSettings, RefusalCode, SessionError, SessionHealth,
     WinRmAuth, WinRmTarget,
 };
-use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{
     ExecResult, ExecStatus, ExecuteRequest, IdempotencyStatus, OutputChunk, ProbeRequest, Script,
     Stream, fingerprint,
 };
 use tollgate_protocol::outcome::ReasonCode;
+use tollgate_protocol::{Shell, StepErrors};
 use tollgate_tests::evidence::count_lines;
 
 /// Bound on every await: a broken session must fail a test, never hang it.
@@ -97,6 +97,7 @@ fn step(key: &str, script: &str, timeout_ms: u64) -> ExecuteRequest {
         env: BTreeMap::from([("TOLLGATE_STEP".to_string(), "deploy.1".to_string())]),
         working_dir: None,
         timeout_ms,
+        errors: StepErrors::Stop,
     }
 }
 
@@ -225,15 +226,14 @@ async fn probe_reports_builtin_and_script_facts_with_their_fingerprint() {
 async fn execute_streams_ordered_output_and_exit_code() {
     let fx = Fixture::new();
     let mut s = fx.local();
-    let (r, chunks) = execute(
-        &mut s,
-        step(
-            "run1/local1/a",
-            "out one\nerr two\nwarn three\nenv TOLLGATE_STEP\nprogress 50 half\nexit 3",
-            30_000,
-        ),
-    )
-    .await;
+    // errors = "continue": the error record is shown and the script goes on to `exit 3`.
+    let mut req = step(
+        "run1/local1/a",
+        "out one\nerr two\nwarn three\nenv TOLLGATE_STEP\nprogress 50 half\nexit 3",
+        30_000,
+    );
+    req.errors = StepErrors::Continue;
+    let (r, chunks) = execute(&mut s, req).await;
     let r = r.unwrap();
     assert_eq!(r.status, ExecStatus::Exited { code: 3 });
     assert!(!r.replayed);
@@ -252,6 +252,26 @@ async fn execute_streams_ordered_output_and_exit_code() {
     );
     assert_eq!(text(&chunks), "one\ntwo\nWARNING: three\ndeploy.1\n");
     assert!(s.last_script_error().is_none());
+}
+
+/// The stand-in keeps the step error semantics the coordinator asks for (as the WinRM session
+/// would): under `stop` an error record ends the step with exit 1 and its record, even before
+/// `exit 0`; under `continue` it is shown and the exit code decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_records_fail_a_step_unless_it_says_continue() {
+    let fx = Fixture::new();
+    let mut s = fx.local();
+    let script = "err copy failed\nout after\nexit 0";
+    let (r, chunks) = execute(&mut s, step("run1/local1/stop", script, 30_000)).await;
+    assert_eq!(r.unwrap().status, ExecStatus::Exited { code: 1 });
+    assert!(!text(&chunks).contains("after"), "stopped at the error");
+    let e = s.last_script_error().expect("the record");
+    assert_eq!(e.message, "copy failed");
+    let mut req = step("run1/local1/continue", script, 30_000);
+    req.errors = StepErrors::Continue;
+    let (r, chunks) = execute(&mut s, req).await;
+    assert_eq!(r.unwrap().status, ExecStatus::Exited { code: 0 });
+    assert!(text(&chunks).contains("after"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

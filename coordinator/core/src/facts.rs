@@ -52,8 +52,11 @@ pub enum ProbeFailure {
     AuthFailed,
     /// No common protocol version.
     VersionMismatch,
-    /// The probe's shell is not available on the host.
-    ShellUnavailable,
+    /// The probe's shell is not available on the host, or too old for the transport.
+    ShellUnavailable {
+        /// What was found and what is needed (e.g. the pwsh version found and the one needed).
+        detail: String,
+    },
     /// The probe script failed.
     Failed {
         /// What the host said.
@@ -71,7 +74,7 @@ impl ProbeFailure {
             ProbeFailure::Malformed { .. } => ReasonCode::MalformedFacts,
             ProbeFailure::AuthFailed => ReasonCode::AuthFailed,
             ProbeFailure::VersionMismatch => ReasonCode::VersionMismatch,
-            ProbeFailure::ShellUnavailable => ReasonCode::ShellUnavailable,
+            ProbeFailure::ShellUnavailable { .. } => ReasonCode::ShellUnavailable,
             ProbeFailure::Failed { .. } => ReasonCode::ProbeFailed,
         }
     }
@@ -96,7 +99,7 @@ impl ProbeFailure {
             ProbeFailure::VersionMismatch => TypedOutcome::CapabilityMismatch {
                 capability: Capability::ProtocolVersion,
             },
-            ProbeFailure::ShellUnavailable => TypedOutcome::CapabilityMismatch {
+            ProbeFailure::ShellUnavailable { .. } => TypedOutcome::CapabilityMismatch {
                 capability: Capability::Shell,
             },
             _ => TypedOutcome::PreflightFailed {
@@ -108,7 +111,9 @@ impl ProbeFailure {
     /// Short text for timelines.
     pub fn describe(&self) -> String {
         match self {
-            ProbeFailure::Malformed { detail } | ProbeFailure::Failed { detail } => {
+            ProbeFailure::Malformed { detail }
+            | ProbeFailure::Failed { detail }
+            | ProbeFailure::ShellUnavailable { detail } => {
                 format!("{}: {detail}", self.reason())
             }
             _ => self.reason().to_string(),

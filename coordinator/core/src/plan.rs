@@ -28,7 +28,7 @@
 //!    not where it acts, and are not bound;
 //! 3. phase count, then per phase in order: name, destructive (bool), step count, then per step
 //!    in order: id, shell, the script bytes, check (option), destructive, timeout ms, retries,
-//!    participating hosts (sorted list);
+//!    errors (`stop` or `continue`), participating hosts (sorted list);
 //! 4. the policy hash (text).
 //!
 //! The run id is *not* part of it (tokens bind the run separately), so two runs of the same
@@ -45,7 +45,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tollgate_protocol::outcome::{PlanStepView, PlanView};
-use tollgate_protocol::{Action, Mode, Shell};
+use tollgate_protocol::{Action, Mode, Shell, StepErrors};
 use uuid::Uuid;
 
 use super::canon::Encoder;
@@ -110,6 +110,7 @@ struct DraftStep {
     destructive: bool,
     timeout_ms: u64,
     retries: u32,
+    errors: StepErrors,
     hosts: Vec<String>,
 }
 
@@ -177,6 +178,7 @@ impl Draft {
                     destructive: step.destructive,
                     timeout_ms: step.timeout_ms,
                     retries: step.retries,
+                    errors: step.errors,
                     hosts: on,
                 });
             }
@@ -282,6 +284,7 @@ impl Draft {
                             destructive: s.destructive,
                             timeout_ms: s.timeout_ms,
                             retries: s.retries,
+                            errors: s.errors,
                             hosts: s.hosts.clone(),
                         })
                         .collect(),
@@ -331,6 +334,8 @@ pub struct PlannedStep {
     pub timeout_ms: u64,
     /// Transient retries.
     pub retries: u32,
+    /// What the step's PowerShell errors mean (`errors`).
+    pub errors: StepErrors,
     /// Hosts it runs on, sorted.
     pub hosts: Vec<String>,
 }
@@ -478,6 +483,7 @@ impl Plan {
                         hosts: s.hosts.clone(),
                         destructive: s.destructive,
                         barrier_before: p.barrier_before,
+                        errors: s.errors,
                     })
                 })
                 .collect(),
@@ -516,6 +522,7 @@ fn operation_hash(
                 .bool(s.destructive)
                 .u64(s.timeout_ms)
                 .u64(u64::from(s.retries))
+                .str(s.errors.as_str())
                 .strs(on.into_iter());
         }
     }

@@ -339,6 +339,10 @@ fn each_hashed_input_changes_the_hash() {
             }),
         ),
         (
+            "errors continue",
+            Box::new(|c| c.edit_step(1, 1, |s| s.errors = tollgate_protocol::StepErrors::Continue)),
+        ),
+        (
             "psremoting key_file",
             Box::new(|c| c.edit_ssh(|p| p.key_file = Some("/keys/other".into()))),
         ),

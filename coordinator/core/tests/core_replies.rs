@@ -3,8 +3,8 @@
 use tollgate_core::rules;
 use tollgate_core::run::replies::{journal_failed, reply_for, shadow_answer};
 use tollgate_core::run::{CheckAnswer, CheckRequest, Dispatch, Effect, Input, StepResult};
-use tollgate_protocol::Shell;
 use tollgate_protocol::outcome::{Outcome, ReasonCode};
+use tollgate_protocol::{Shell, StepErrors};
 use uuid::Uuid;
 
 fn check() -> CheckRequest {
@@ -15,6 +15,7 @@ fn check() -> CheckRequest {
         shell: Shell::Sh,
         script: "true".into(),
         timeout_ms: 1000,
+        errors: StepErrors::Stop,
     }
 }
 
@@ -30,6 +31,7 @@ fn dispatch() -> Dispatch {
         idempotency_key: "k".into(),
         attempt: 1,
         destructive: true,
+        errors: StepErrors::Stop,
     }
 }
 

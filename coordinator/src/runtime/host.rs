@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{ExecuteRequest, OutputChunk, ProbeRequest as WireProbe, Script};
+use tollgate_protocol::{Shell, StepErrors};
 
 use crate::config::ProbeScript;
 use crate::core::facts::ProbeOutcome;
@@ -118,6 +118,7 @@ pub struct Execute {
     pub shell: Shell,
     pub script: String,
     pub timeout_ms: u64,
+    pub errors: StepErrors,
     pub output: Option<Recipient<StepOutput>>,
 }
 
@@ -138,6 +139,7 @@ impl Handler<Execute> for HostActor {
             ]),
             working_dir: None,
             timeout_ms: msg.timeout_ms,
+            errors: msg.errors,
         };
         let (output, step_id) = (msg.output, msg.step_id);
         let fut = async move {

@@ -494,6 +494,7 @@ impl RunActor {
             shell: c.shell,
             script: c.script,
             timeout_ms: c.timeout_ms,
+            errors: c.errors,
             output: None,
         });
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
@@ -520,6 +521,7 @@ impl RunActor {
             shell: d.shell,
             script: d.script,
             timeout_ms: d.timeout_ms,
+            errors: d.errors,
             output: Some(ctx.address().recipient()),
         });
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {

@@ -10,6 +10,10 @@
 //! `out TEXT`, `warn TEXT`, `err TEXT` (a non-terminating error record), `progress N TEXT`,
 //! `append PATH TEXT`, `env NAME`, `sleep MS` (cancel and timeout are served meanwhile),
 //! `exit N`, `throw CATEGORY MESSAGE` (a terminating error). Other lines are error records.
+//! Under a step's `errors = "stop"` (the default) the first error record (`err`, or a line it
+//! does not know) ends the step with exit 1, its record as the result's error, as
+//! `$ErrorActionPreference = 'Stop'` makes PowerShell do; under `"continue"` it is shown and
+//! the script goes on. Probes always go on.
 //!
 //! Faults come from `DIR/standin-faults`, one directive a line. Each fires once and is removed
 //! from the file, except `auth-fail`, which holds until the file changes:
@@ -443,6 +447,7 @@ impl Host {
                 &BTreeMap::new(),
                 timeout,
                 None,
+                false,
                 &id,
                 &mut |kind, data| {
                     if kind == "stdout" {
@@ -505,6 +510,18 @@ impl Host {
             );
             return;
         }
+        // Like the real script: `errors` is required; `stop` makes the first error record end
+        // the step (exit 1), as `$ErrorActionPreference = 'Stop'` does.
+        let stop = match req["errors"].as_str() {
+            Some("stop") => true,
+            Some("continue") => false,
+            other => {
+                send(
+                    &json!({"id": id, "type": "fail", "code": "bad_request", "message": format!("invoke needs errors = 'stop' or 'continue', got {other:?}")}),
+                );
+                return;
+            }
+        };
         if !self.start_marker(req) {
             let old = self
                 .read_marker(&key)
@@ -550,6 +567,7 @@ impl Host {
             &env,
             timeout,
             Some(&key),
+            stop,
             &id,
             &mut |kind, data| match kind {
                 "stdout" | "stderr" => send(&json!({"id": id, "type": "output", "stream": kind, "data": data})),
@@ -598,12 +616,15 @@ impl Host {
 
     /// Runs a line-language script; `emit(kind, data)` gets `stdout`, `stderr`, `error` and
     /// `progress` items. While it sleeps, `cancel` for `key` is served and others are `busy`.
+    /// With `stop` (a step's `errors = "stop"`), the first error record ends it with exit 1.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         script: &str,
         env: &BTreeMap<String, String>,
         timeout: Duration,
         key: Option<&str>,
+        stop: bool,
         running: &Value,
         emit: &mut dyn FnMut(&str, &str),
     ) -> Ending {
@@ -619,6 +640,14 @@ impl Host {
             match cmd {
                 "out" => emit("stdout", &format!("{rest}\n")),
                 "warn" => emit("stderr", &format!("WARNING: {rest}\n")),
+                "err" if stop => {
+                    return Ending::Exited(
+                        1,
+                        Some(
+                            json!({"message": rest, "category": "NotSpecified", "fqid": "Microsoft.PowerShell.Commands.WriteErrorException"}),
+                        ),
+                    );
+                }
                 "err" => emit("error", &format!("{rest}\n")),
                 "progress" => emit("progress", rest),
                 "env" => emit(
@@ -672,6 +701,14 @@ impl Host {
                     return Ending::Exited(
                         1,
                         Some(json!({"message": message, "category": category, "fqid": message})),
+                    );
+                }
+                other if stop => {
+                    return Ending::Exited(
+                        1,
+                        Some(
+                            json!({"message": format!("The term '{other}' is not recognized as a name of a cmdlet, function, script file, or executable program."), "category": "ObjectNotFound", "fqid": "CommandNotFoundException"}),
+                        ),
                     );
                 }
                 other => emit(

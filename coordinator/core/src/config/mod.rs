@@ -79,6 +79,8 @@
 //! timeout = "5m"                 # default 5m; 1s..24h
 //! retries = 2                    # transient failures only; default 0, at most 10
 //! check = "if (Test-App) { exit 0 } else { exit 1 }"   # optional: exit 0 = already done, skip
+//! errors = "stop"                # pwsh only; default "stop": an error record or a throw fails
+//!                                # the step. "continue": errors are shown, the exit code decides
 //!
 //! [[teardown.phases]]
 //! name = "remove"

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
-use tollgate_protocol::{Action, Shell};
+use tollgate_protocol::{Action, Shell, StepErrors};
 
 use super::ConfigError;
 use super::inventory::Inventory;
@@ -62,6 +62,9 @@ pub struct Step {
     pub retries: u32,
     /// DSC-style test: exit 0 means already in the desired state, so the step is skipped.
     pub check: Option<String>,
+    /// What the step's PowerShell errors mean, for `run` and `check` alike (`errors`; default
+    /// `stop`: an error record or a terminating error fails it). `stop` for every `sh` step.
+    pub errors: StepErrors,
 }
 
 /// An ordered group of steps; hosts run it in parallel.
@@ -222,6 +225,7 @@ struct RawStep {
     timeout: Option<toml::Value>,
     retries: Option<u32>,
     check: Option<String>,
+    errors: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -352,15 +356,36 @@ fn convert_step(file: &str, key: &str, raw: RawStep) -> Result<Step, ConfigError
             format!("must be at most {MAX_STEP_RETRIES}, got {retries}"),
         ));
     }
+    let shell = raw.shell.unwrap_or(Shell::Pwsh);
+    let errors = match (raw.errors.as_deref(), shell) {
+        (None, _) => StepErrors::Stop,
+        (Some(_), Shell::Sh) => {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{key}.errors"),
+                "applies to pwsh steps only: an sh step fails by its exit code alone",
+            ));
+        }
+        (Some("stop"), Shell::Pwsh) => StepErrors::Stop,
+        (Some("continue"), Shell::Pwsh) => StepErrors::Continue,
+        (Some(other), Shell::Pwsh) => {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{key}.errors"),
+                format!("must be \"stop\" (the default) or \"continue\", got {other:?}"),
+            ));
+        }
+    };
     Ok(Step {
         id: raw.id,
         roles: raw.roles,
-        shell: raw.shell.unwrap_or(Shell::Pwsh),
+        shell,
         run,
         destructive,
         timeout_ms,
         retries,
         check: raw.check,
+        errors,
     })
 }
 

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeSet;
 
-use tollgate_protocol::Shell;
 use tollgate_protocol::outcome::{PlanView, ReasonCode};
+use tollgate_protocol::{Shell, StepErrors};
 
 use crate::config::ProbeScript;
 use crate::facts::ProbeOutcome;
@@ -195,6 +195,8 @@ pub struct CheckRequest {
     pub script: String,
     /// Time limit.
     pub timeout_ms: u64,
+    /// What its PowerShell errors mean (the step's `errors`).
+    pub errors: StepErrors,
 }
 
 /// A step to send to a host.
@@ -220,6 +222,8 @@ pub struct Dispatch {
     pub attempt: u32,
     /// Whether the step is destructive.
     pub destructive: bool,
+    /// What its PowerShell errors mean (`errors`).
+    pub errors: StepErrors,
 }
 
 /// Something the runtime must do, in order. A [`Effect::Record`] must be journaled (fsynced)

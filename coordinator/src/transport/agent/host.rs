@@ -151,7 +151,9 @@ pub fn probe_failure(e: &LinkError) -> ProbeFailure {
                 detail: message.clone(),
             },
             AgentErrorCode::ProbeTimedOut => ProbeFailure::TimedOut,
-            AgentErrorCode::CapabilityMismatch => ProbeFailure::ShellUnavailable,
+            AgentErrorCode::CapabilityMismatch => ProbeFailure::ShellUnavailable {
+                detail: message.clone(),
+            },
             AgentErrorCode::UnsupportedVersion => ProbeFailure::VersionMismatch,
             _ => ProbeFailure::Failed {
                 detail: message.clone(),

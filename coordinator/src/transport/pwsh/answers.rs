@@ -11,7 +11,9 @@ use super::{RefusalCode, SessionError};
 pub fn probe_failure(e: &SessionError) -> ProbeFailure {
     match e {
         SessionError::PwshMissing { .. } | SessionError::PwshTooOld(_) => {
-            ProbeFailure::ShellUnavailable
+            ProbeFailure::ShellUnavailable {
+                detail: e.to_string(),
+            }
         }
         SessionError::AuthFailed(_)
         | SessionError::CredentialUnavailable(_)

@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tollgate_protocol::Shell;
 use tollgate_protocol::agent::{ExecResult, ExecStatus, IdempotencyStatus};
+use tollgate_protocol::{Shell, StepErrors};
 
 /// The contract version this coordinator speaks.
 pub const CONTRACT_VERSION: u32 = 1;
@@ -33,11 +33,11 @@ pub enum Request {
     },
     /// `{"op":"invoke","id":3,"key":"run-1/web1/deploy.1","request_sha":"…","shell":"pwsh",
     /// "script":"Write-Output hi","env":{"TOLLGATE_STEP":"deploy.1"},"working_dir":null,
-    /// "timeout_ms":60000}`
+    /// "timeout_ms":60000,"errors":"stop"}`
     Invoke {
         id: u64,
         key: String,
-        /// SHA-256 of the request's shell, script, environment and working directory: a key
+        /// SHA-256 of the request's shell, script, environment, working directory and errors: a key
         /// reused for a different request is refused, never replayed.
         request_sha: String,
         shell: Shell,
@@ -45,6 +45,8 @@ pub enum Request {
         env: BTreeMap<String, String>,
         working_dir: Option<String>,
         timeout_ms: u64,
+        /// `stop` or `continue`: what the script's error records mean.
+        errors: StepErrors,
     },
     /// `{"op":"cancel","id":4,"key":"run-1/web1/deploy.1"}`
     Cancel { id: u64, key: String },
@@ -431,6 +433,7 @@ mod tests {
             env: BTreeMap::new(),
             working_dir: None,
             timeout_ms: 10,
+            errors: StepErrors::Continue,
         })
         .unwrap();
         assert!(line.ends_with('\n'));
@@ -439,6 +442,7 @@ mod tests {
         assert_eq!(v["op"], "invoke");
         assert_eq!(v["id"], 3);
         assert_eq!(v["shell"], "pwsh");
+        assert_eq!(v["errors"], "continue");
         let hello = encode_request(&Request::Hello {
             id: 1,
             v: CONTRACT_VERSION,

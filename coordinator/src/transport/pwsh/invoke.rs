@@ -311,6 +311,7 @@ fn invoke_request(id: u64, req: ExecuteRequest) -> Request {
         env: req.env,
         working_dir: req.working_dir,
         timeout_ms: req.timeout_ms,
+        errors: req.errors,
     }
 }
 
@@ -328,6 +329,7 @@ fn request_sha(req: &ExecuteRequest) -> String {
         part(v.as_bytes());
     }
     part(req.working_dir.as_deref().unwrap_or("").as_bytes());
+    part(req.errors.as_str().as_bytes());
     hex::encode(h.finalize())
 }
 
@@ -335,7 +337,7 @@ fn request_sha(req: &ExecuteRequest) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use tollgate_protocol::Shell;
+    use tollgate_protocol::{Shell, StepErrors};
 
     use super::*;
 
@@ -348,10 +350,18 @@ mod tests {
             env: BTreeMap::new(),
             working_dir: None,
             timeout_ms: 1,
+            errors: StepErrors::Stop,
         };
         let mut other = base.clone();
         other.script = "b".into();
         assert_ne!(request_sha(&base), request_sha(&other));
+        let mut other = base.clone();
+        other.errors = StepErrors::Continue;
+        assert_ne!(
+            request_sha(&base),
+            request_sha(&other),
+            "errors is part of it"
+        );
         let mut same = base.clone();
         same.timeout_ms = 99;
         same.idempotency_key = "other".into();

@@ -112,11 +112,41 @@ $TargetCommon = {
             & $File | Out-String -Stream -Width 4096
         }
     }
+
+    function Invoke-TgStepFile {
+        # Runs a step's file under its error semantics ('stop': $ErrorActionPreference = 'Stop';
+        # 'continue': 'Continue') and tallies the error records it writes into $Tally (Count,
+        # First). A native command's stderr comes as NativeCommandError records: passed on, not
+        # tallied (its exit code speaks for it). Records pass on to the error stream, output comes
+        # out as lines of text. Call it with -ErrorAction Continue: passing a record on never stops.
+        [CmdletBinding()]
+        param([string]$Shell, [string]$File, [string]$Errors, [hashtable]$Tally)
+        if ($Errors -eq 'continue') { $ErrorActionPreference = 'Continue' } else { $ErrorActionPreference = 'Stop' }
+        $run = { if ($Shell -eq 'sh') { & sh $File } else { & $File } }
+        & $run 2>&1 | ForEach-Object {
+            if ($_ -is [System.Management.Automation.ErrorRecord]) {
+                if ([string]$_.FullyQualifiedErrorId -notlike 'NativeCommandError*') {
+                    $Tally['Count'] += 1
+                    if ($null -eq $Tally['First']) {
+                        # Taken before WriteError, which adds this function to the record's id.
+                        $Tally['First'] = [ordered]@{
+                            message  = [string]$_.Exception.Message
+                            category = $_.CategoryInfo.Category.ToString()
+                            fqid     = [string]$_.FullyQualifiedErrorId
+                        }
+                    }
+                }
+                $PSCmdlet.WriteError($_)
+            } else {
+                $_
+            }
+        } | Out-String -Stream -Width 4096
+    }
 }
 
 $TargetInvoke = {
     param([string]$Common, [string]$Key, [string]$RequestSha, [string]$Shell, [string]$Script, [hashtable]$Environment,
-          [string]$WorkDir, [string]$StateDir, [string]$Instance)
+          [string]$WorkDir, [string]$StateDir, [string]$Instance, [string]$Errors)
     . ([scriptblock]::Create($Common))
     $PSDefaultParameterValues = @{ 'ConvertTo-Json:Depth' = 100 }
     $ErrorActionPreference = 'Stop'
@@ -165,6 +195,7 @@ $TargetInvoke = {
     $pushed = $false
     $code = 0
     $failure = $null
+    $tally = @{ Count = 0; First = $null }
     try {
         if ($Environment) {
             foreach ($name in @($Environment.Keys)) {
@@ -176,12 +207,17 @@ $TargetInvoke = {
             Push-Location -LiteralPath $WorkDir
             $pushed = $true
         }
-        $ErrorActionPreference = 'Continue'
         $PSNativeCommandUseErrorActionPreference = $false
         $global:LASTEXITCODE = 0
-        Invoke-TgScriptFile $Shell $file
+        Invoke-TgStepFile -Shell $Shell -File $file -Errors $Errors -Tally $tally -ErrorAction Continue
         $code = $global:LASTEXITCODE
         if ($null -eq $code) { $code = 0 }
+        if ($Errors -ne 'continue' -and $tally['Count'] -gt 0) {
+            # errors = 'stop': an error record fails the step even after `exit 0`.
+            if ($code -eq 0) { $code = 1 }
+            $failure = $tally['First']
+            $failure['message'] = "the step wrote $($tally['Count']) error record(s) (errors = 'stop'); the first: $($failure['message'])"
+        }
     } catch {
         $code = 1
         $failure = [ordered]@{
@@ -719,6 +755,11 @@ function Invoke-Step($Request) {
         Send-Fail $id 'bad_request' 'invoke needs a key'
         return
     }
+    $errors = [string]$Request['errors']
+    if ($errors -ne 'stop' -and $errors -ne 'continue') {
+        Send-Fail $id 'bad_request' "invoke needs errors = 'stop' or 'continue', got '$errors'"
+        return
+    }
     $environment = @{}
     if ($Request['env']) {
         foreach ($name in @($Request['env'].Keys)) { $environment[$name] = [string]$Request['env'][$name] }
@@ -732,6 +773,7 @@ function Invoke-Step($Request) {
         WorkDir     = [string]$Request['working_dir']
         StateDir    = $StateDir
         Instance    = $Instance
+        Errors      = $errors
     }
     $clock = [System.Diagnostics.Stopwatch]::StartNew()
     $job = Start-Target $TargetInvoke $parameters

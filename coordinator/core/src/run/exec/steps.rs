@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use tollgate_protocol::Shell;
 use tollgate_protocol::outcome::ReasonCode;
+use tollgate_protocol::{Shell, StepErrors};
 
 use super::{Execution, Failure, MAX_QUERIES, Next, Part, Status, Task};
 use crate::barrier::HostPhaseResult;
@@ -27,6 +27,7 @@ pub(super) struct CurrentStep {
     pub destructive: bool,
     pub timeout_ms: u64,
     pub retries: u32,
+    pub errors: StepErrors,
 }
 
 impl CurrentStep {
@@ -39,6 +40,7 @@ impl CurrentStep {
             destructive: step.destructive,
             timeout_ms: step.timeout_ms,
             retries: step.retries,
+            errors: step.errors,
         }
     }
 }
@@ -167,6 +169,7 @@ impl Execution {
                 shell: step.shell,
                 script: check.clone(),
                 timeout_ms: step.timeout_ms,
+                errors: step.errors,
             }));
             if let Some(t) = self.task(host) {
                 t.status = Status::Checking;
@@ -252,6 +255,7 @@ impl Execution {
             idempotency_key: key.clone(),
             attempt,
             destructive: step.destructive,
+            errors: step.errors,
         }));
         if let Some(t) = self.task(host) {
             t.status = Status::InFlight {
