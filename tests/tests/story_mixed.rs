@@ -178,3 +178,70 @@ async fn mixed_fleet_deploys_escalates_and_tears_down_once() {
     );
     lab.validate_summaries().unwrap();
 }
+
+/// A step's `errors` travels from `operations.toml` through `tollgate serve` to the session
+/// host: `tolerant` (errors = "continue") writes an error record and goes on; `strict` (the
+/// default, "stop") writes one and stops there, failing the run typed. The markers show what
+/// ran, and the confirmation-free deploy reports the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steps_errors_setting_reaches_the_host_through_serve() {
+    let ps_home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(ps_home.path().join("markers")).unwrap();
+    let m = |step: &str| {
+        ps_home
+            .path()
+            .join("markers")
+            .join(step)
+            .display()
+            .to_string()
+    };
+    let ops = format!(
+        r#"[[deploy.phases]]
+name = "first"
+[[deploy.phases.steps]]
+id = "tolerant"
+roles = ["win"]
+run = "err expected noise\nappend {tolerant} x"
+destructive = false
+errors = "continue"
+
+[[deploy.phases]]
+name = "second"
+[[deploy.phases.steps]]
+id = "strict"
+roles = ["win"]
+run = "err copy failed\nappend {strict} x"
+destructive = false
+
+[[teardown.phases]]
+name = "drain"
+[[teardown.phases.steps]]
+id = "drain-win"
+roles = ["win"]
+run = "out drained"
+destructive = false
+
+[probes.win]
+run = "out {{\"app_version\":\"1.0\"}}"
+"#,
+        tolerant = m("tolerant"),
+        strict = m("strict"),
+    );
+    let ps = [("win1", "win", "standard")];
+    let lab = Lab::start_mixed(&[], &ps, &ops, "", Vec::new())
+        .await
+        .unwrap();
+    let out = lab.cli("alice", &["deploy"]).await.unwrap();
+    assert_eq!(out.outcome(), "ExecutionFailed", "{out:?}");
+    assert_ne!(out.code, 0, "{out:?}");
+    assert_eq!(
+        finished(ps_home.path(), "tolerant"),
+        1,
+        "errors = \"continue\": the record did not stop it"
+    );
+    assert_eq!(
+        finished(ps_home.path(), "strict"),
+        0,
+        "errors = \"stop\": the record stopped it before its next line"
+    );
+}
